@@ -1,0 +1,5 @@
+import sys
+
+from fedlora.cli import main
+
+sys.exit(main())

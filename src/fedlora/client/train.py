@@ -1,0 +1,97 @@
+"""Local training on one client: a plain PyTorch loop over ``local_steps`` mini-batches.
+
+Each round the client loads the global adapter it was sent, unfreezes only what the
+round's :class:`~fedlora.messages.RoundPlan` trains, and builds a **fresh optimizer**
+(no Adam moments carry over between rounds: the factors it would refer to may have been
+replaced by aggregation, and a client need not be sampled twice in a row). Batches are
+drawn by a generator seeded from ``(seed, round, client)``, so a run is reproducible on
+CPU and a client's data order does not depend on which other clients were sampled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fedlora.data import Encoded
+from fedlora.messages import AdapterState, ClientUpdate, RoundPlan
+from fedlora.models.adapter import PeftAdapter
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    local_steps: int
+    batch_size: int
+    lr: float
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+
+
+def make_optimizer(
+    params: list[torch.nn.Parameter], settings: LocalTraining
+) -> torch.optim.Optimizer:
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    if settings.optimizer == "adam":
+        return torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+def client_seed(seed: int, round: int, client_id: int) -> int:
+    return (seed * 1_000_003 + round * 10_007 + client_id) % (2**63 - 1)
+
+
+def batch_indices(
+    n: int, *, steps: int, batch_size: int, generator: torch.Generator
+) -> list[torch.Tensor]:
+    """``steps`` batches that walk through shuffled epochs of ``n`` examples."""
+    batches: list[torch.Tensor] = []
+    order = torch.randperm(n, generator=generator)
+    cursor = 0
+    size = min(batch_size, n)
+    for _ in range(steps):
+        if cursor + size > n:
+            order, cursor = torch.randperm(n, generator=generator), 0
+        batches.append(order[cursor : cursor + size])
+        cursor += size
+    return batches
+
+
+def train_client(
+    *,
+    adapter: PeftAdapter,
+    state: AdapterState,
+    data: Encoded,
+    plan: RoundPlan,
+    settings: LocalTraining,
+    client_id: int,
+    seed: int,
+) -> ClientUpdate:
+    """Train from ``state`` on ``data`` and return the trained tensors only."""
+    adapter.set_state(state)
+    params = adapter.set_trainable(plan.trained, head=plan.train_head)
+    optimizer = make_optimizer(params, settings)
+    generator = torch.Generator().manual_seed(client_seed(seed, plan.round, client_id))
+    torch.manual_seed(client_seed(seed, plan.round, client_id))  # dropout masks
+    model = adapter.model
+    model.train()
+    losses = []
+    for idx in batch_indices(
+        len(data), steps=settings.local_steps, batch_size=settings.batch_size, generator=generator
+    ):
+        loss = model(**data.batch(idx)).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.eval()
+    sent = adapter.get_state(plan.trained, head=plan.train_head)
+    return ClientUpdate(
+        client_id=client_id,
+        num_examples=len(data),
+        A=sent.A,
+        B=sent.B,
+        head=sent.head,
+        train_loss=sum(losses) / len(losses),
+    )

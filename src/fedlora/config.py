@@ -1,0 +1,268 @@
+"""Run configuration: a YAML file plus ``key=value`` overrides, validated on load.
+
+Every key is a field of :class:`Config` (nested sections such as ``dp`` are frozen
+dataclasses of their own, addressed on the command line as ``dp.delta=1e-5``).
+An unknown key or a bad value raises :class:`~fedlora.errors.FedLoraError` with a
+one-line message; the CLI prints it and exits non-zero. ``docs/configuration.md``
+documents each key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from fedlora.errors import FedLoraError
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+PARTITIONS = ("iid", "dirichlet", "imbalanced", "natural")
+WEIGHTINGS = ("uniform", "num_examples")
+HEAD_POLICIES = ("train", "frozen")
+RUNTIMES = ("inprocess",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """All settings of one federated run. Defaults are the packaged demo (MiniLM, BBC News)."""
+
+    # Model and LoRA
+    model: str = "minilm"
+    rank: int = 8
+    alpha: float = 16.0
+    lora_dropout: float = 0.0
+    target_modules: list[str] | None = None
+    layers: list[int] | None = None
+    head: str = "train"
+    # Data
+    dataset: str = "bbc-news"
+    data_dir: str | None = None
+    text_column: str | None = None
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    group_column: str | None = None
+    test_fraction: float = 0.2
+    eval_fraction: float = 0.1
+    max_train_examples: int | None = None
+    max_test_examples: int | None = None
+    max_length: int = 128
+    # Federation
+    num_clients: int = 3
+    partition: str = "dirichlet"
+    partition_alpha: float = 0.5
+    dominant_fraction: float = 0.8
+    client_fraction: float = 1.0
+    weighting: str = "num_examples"
+    method: str = "rolora"
+    methods: list[str] = dataclasses.field(
+        default_factory=lambda: ["fedavg", "ffa", "rolora", "centralized"]
+    )
+    rounds: int = 10
+    runtime: str = "inprocess"
+    # Client training
+    local_steps: int = 10
+    batch_size: int = 16
+    lr: float = 5e-4
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    # Evaluation and outputs
+    eval_every: int = 1
+    eval_batch_size: int = 64
+    seed: int = 0
+    threads: int = 1
+    output_dir: str = "runs"
+    run_name: str | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check_values(self)
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with ``changes`` applied and validated again."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _positive(cfg: Config, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            raise FedLoraError(f"config key '{name}' must be > 0, got {value}")
+
+
+def _choice(cfg: Config, name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(cfg, name)
+    if value not in choices:
+        raise FedLoraError(f"config key '{name}' must be one of {', '.join(choices)}; got '{value}'")
+
+
+def _check_values(cfg: Config) -> None:
+    # Imported here: the method registry imports modules that import this one.
+    from fedlora.methods import METHOD_NAMES
+
+    if cfg.rank < 1:
+        raise FedLoraError(f"config key 'rank' must be >= 1, got {cfg.rank}")
+    _positive(cfg, "alpha", "num_clients", "rounds", "local_steps", "batch_size", "lr")
+    _positive(cfg, "eval_every", "eval_batch_size", "threads", "max_length", "partition_alpha")
+    _positive(cfg, "max_train_examples", "max_test_examples")
+    for name in ("test_fraction", "eval_fraction", "lora_dropout", "dominant_fraction"):
+        value = getattr(cfg, name)
+        if not 0.0 <= value < 1.0:
+            raise FedLoraError(f"config key '{name}' must be in [0, 1), got {value}")
+    if not 0.0 < cfg.client_fraction <= 1.0:
+        raise FedLoraError(f"config key 'client_fraction' must be in (0, 1], got {cfg.client_fraction}")
+    if cfg.weight_decay < 0:
+        raise FedLoraError(f"config key 'weight_decay' must be >= 0, got {cfg.weight_decay}")
+    _choice(cfg, "optimizer", OPTIMIZERS)
+    _choice(cfg, "partition", PARTITIONS)
+    _choice(cfg, "weighting", WEIGHTINGS)
+    _choice(cfg, "head", HEAD_POLICIES)
+    _choice(cfg, "runtime", RUNTIMES)
+    for method in [cfg.method, *cfg.methods]:
+        if method not in METHOD_NAMES:
+            raise FedLoraError(f"unknown method '{method}' (known: {', '.join(METHOD_NAMES)})")
+    if not cfg.methods:
+        raise FedLoraError("config key 'methods' must name at least one method")
+    if cfg.layers is not None and (not cfg.layers or min(cfg.layers) < 0):
+        raise FedLoraError(f"config key 'layers' must be a non-empty list of block indices >= 0, got {cfg.layers}")
+    if cfg.target_modules is not None and not cfg.target_modules:
+        raise FedLoraError("config key 'target_modules' must not be an empty list")
+
+
+# --- loading -----------------------------------------------------------------------------
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check ``value`` against a field annotation (the subset of types Config uses)."""
+    origin = get_origin(annotation)
+    if origin in (types.UnionType, typing.Union):
+        options = get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        inner = [a for a in options if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin is list:
+        (item_type,) = get_args(annotation)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # `layers=5` or `target_modules=query` mean a one-element list
+        if not isinstance(value, list):
+            raise FedLoraError(f"config key '{key}' must be a list, got {value!r}")
+        return [_coerce(key, v, item_type) for v in value]
+    if origin is Literal:
+        if value not in get_args(annotation):
+            raise FedLoraError(f"config key '{key}' must be one of {get_args(annotation)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise FedLoraError(f"config key '{key}' must be a mapping, got {value!r}")
+        return _build(annotation, value, prefix=f"{key}.")
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise FedLoraError(f"config key '{key}' must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise FedLoraError(f"config key '{key}' must be an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, str):
+            # PyYAML reads `1e-3` (no dot) as a string.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise FedLoraError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise FedLoraError(f"config key '{key}' must be a string, got {value!r}")
+        return str(value)
+    if annotation is Any:
+        return value
+    raise TypeError(f"unsupported annotation for '{key}': {annotation}")  # a bug, not user input
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise FedLoraError(
+            f"unknown config key '{prefix}{unknown[0]}' (known keys: {', '.join(sorted(known))})"
+        )
+    kwargs = {k: _coerce(prefix + k, v, hints[k]) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["rank=4", "dp.delta=1e-5", "layers=[3,4,5]"]`` -> nested dict, values parsed as YAML."""
+    result: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise FedLoraError(f"override '{item}' is not of the form key=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            raise FedLoraError(f"override '{item}': value is not valid YAML") from None
+        if isinstance(value, str) and value.lower() in ("none", "null"):
+            value = None
+        node = result
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise FedLoraError(f"override '{item}' conflicts with another override of '{part}'")
+        node[leaf] = value
+    return result
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FedLoraError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" (line {line + 1})" if line is not None else ""
+        raise FedLoraError(f"config file {path} is not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise FedLoraError(f"config file {path} must hold a mapping of keys to values")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file at ``path``, then ``key=value`` overrides."""
+    values = read_yaml(path) if path is not None else {}
+    values = _merge(values, parse_overrides(overrides or []))
+    return _build(Config, values)
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """Rebuild a config saved as ``config.yaml`` (validated like any other)."""
+    return _build(Config, values)
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

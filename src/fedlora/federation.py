@@ -1,0 +1,158 @@
+"""Set up a federation once: data loaded, split among clients and tokenised, one model.
+
+Everything here is built once per run (or once per ``fedlora compare``, shared by all
+methods): tokenisation happens here and never again per round. Clients are not objects
+holding models: a client is its data; its state is the adapter it is sent each round.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from fedlora.config import Config
+from fedlora.data import (
+    ClientData,
+    Encoded,
+    TextDataset,
+    TextExamples,
+    describe_clients,
+    encode,
+    load_text_dataset,
+    partition_clients,
+)
+from fedlora.errors import FedLoraError
+from fedlora.messages import AdapterState
+from fedlora.models import LoRASettings, PeftAdapter, load_classifier
+
+Log = Callable[[str], None]
+
+
+def stderr_log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def silent(message: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class ClientSplits:
+    train: Encoded
+    eval: Encoded
+
+
+@dataclass
+class Federation:
+    """The data of every client, the global eval set, and the one shared model."""
+
+    cfg: Config
+    dataset: TextDataset
+    clients: list[ClientData]
+    encoded: dict[int, ClientSplits]
+    test: Encoded
+    adapter: PeftAdapter
+    tokenizer: object
+    model_path: str
+    initial_state: AdapterState
+    initial_base: dict[str, torch.Tensor]
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.dataset.label_names)
+
+    def encode(self, examples: TextExamples) -> Encoded:
+        return encode(self.tokenizer, examples, max_length=self.cfg.max_length)
+
+    @functools.cached_property
+    def pooled_train(self) -> Encoded:
+        """All clients' training data on one trainer (the centralized baseline)."""
+        return self.encode(_pool(self.clients))
+
+    def reset(self) -> AdapterState:
+        """Back to the starting model (used between methods in ``fedlora compare``)."""
+        with torch.no_grad():
+            for layer, weight in self.initial_base.items():
+                self.adapter.base_weight(layer).copy_(weight)
+        self.adapter.set_state(self.initial_state)
+        return self.initial_state.clone()
+
+
+def _pool(clients: list[ClientData]) -> TextExamples:
+    text = [t for c in clients for t in c.train.text]
+    labels = [y for c in clients for y in c.train.labels]
+    pairs = None
+    if clients[0].train.text_pair is not None:
+        pairs = [p for c in clients for p in (c.train.text_pair or [])]
+    return TextExamples(text=text, labels=labels, text_pair=pairs)
+
+
+def build_federation(cfg: Config, *, log: Log = stderr_log) -> Federation:
+    torch.set_num_threads(cfg.threads)
+    dataset = load_text_dataset(
+        name=cfg.dataset,
+        data_dir=cfg.data_dir,
+        seed=cfg.seed,
+        test_fraction=cfg.test_fraction,
+        text_column=cfg.text_column,
+        text_pair_column=cfg.text_pair_column,
+        label_column=cfg.label_column,
+        group_column=cfg.group_column,
+        max_train_examples=cfg.max_train_examples,
+        max_test_examples=cfg.max_test_examples,
+    )
+    log(
+        f"data: {dataset.name}: {len(dataset.train)} train / {len(dataset.test)} eval examples, "
+        f"{len(dataset.label_names)} labels"
+    )
+    clients = partition_clients(
+        dataset.train,
+        num_clients=cfg.num_clients,
+        partition=cfg.partition,
+        partition_alpha=cfg.partition_alpha,
+        dominant_fraction=cfg.dominant_fraction,
+        eval_fraction=cfg.eval_fraction,
+        seed=cfg.seed,
+    )
+    log(describe_clients(clients, dataset.label_names))
+    lora = LoRASettings(
+        rank=cfg.rank,
+        alpha=cfg.alpha,
+        dropout=cfg.lora_dropout,
+        target_modules=cfg.target_modules,
+        layers=cfg.layers,
+        train_head=cfg.head == "train",
+    )
+    model, tokenizer, path = load_classifier(
+        cfg.model, num_labels=len(dataset.label_names), lora=lora, seed=cfg.seed
+    )
+    adapter = PeftAdapter(model)
+    if not adapter.lora_layers:
+        raise FedLoraError("no LoRA layers were created: check target_modules and layers")
+    log(
+        f"model: {cfg.model} ({path}), LoRA rank {cfg.rank} on {len(adapter.lora_layers)} layers, "
+        f"{adapter.get_state().nbytes() / 1e6:.3f} MB adapter"
+    )
+
+    def enc(examples: TextExamples) -> Encoded:
+        return encode(tokenizer, examples, max_length=cfg.max_length)
+
+    encoded = {c.client_id: ClientSplits(train=enc(c.train), eval=enc(c.eval)) for c in clients}
+    initial = adapter.get_state()
+    initial_base = {k: adapter.base_weight(k).detach().clone() for k in adapter.lora_layers}
+    return Federation(
+        cfg=cfg,
+        dataset=dataset,
+        clients=clients,
+        encoded=encoded,
+        test=enc(dataset.test),
+        adapter=adapter,
+        tokenizer=tokenizer,
+        model_path=path,
+        initial_state=initial,
+        initial_base=initial_base,
+    )

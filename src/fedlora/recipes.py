@@ -1,0 +1,113 @@
+"""The two jobs behind the CLI: ``run`` one method, ``compare`` several on the same setup."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from fedlora.config import Config
+from fedlora.federation import Federation, Log, build_federation, stderr_log
+from fedlora.methods import build_method
+from fedlora.outputs import RunDir, plot_comparison, plot_run
+from fedlora.runtime import run_federated
+
+
+def default_run_name(cfg: Config, kind: str) -> str:
+    return f"{kind}-{cfg.dataset.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _summarise(cfg: Config, fed: Federation, result: dict[str, Any], run_dir: RunDir) -> dict[str, Any]:
+    rows = result["rows"]
+    evaluated = [r for r in rows if r.get("accuracy") is not None]
+    best = max(evaluated, key=lambda r: r["accuracy"])
+    return {
+        "method": cfg.method,
+        "model": cfg.model,
+        "model_path": fed.model_path,
+        "dataset": fed.dataset.name,
+        "label_names": fed.dataset.label_names,
+        "num_clients": cfg.num_clients,
+        "client_train_sizes": {c.client_id: len(c.train) for c in fed.clients},
+        "client_eval_sizes": {c.client_id: len(c.eval) for c in fed.clients},
+        "eval_size": len(fed.test),
+        "rounds": cfg.rounds,
+        "final_accuracy": evaluated[-1]["accuracy"],
+        "final_loss": evaluated[-1]["loss"],
+        "best_accuracy": best["accuracy"],
+        "best_round": best["round"],
+        "total_upload_bytes": sum(r["upload_bytes"] for r in rows),
+        "total_download_bytes": sum(r["download_bytes"] for r in rows),
+        "adapter_bytes": result["state"].nbytes(),
+        "method_state": result["method_state"],
+        "wall_time_s": result["wall_time_s"],
+        "adapter_dir": str(run_dir.adapter_dir),
+    }
+
+
+def run_method(cfg: Config, fed: Federation, run_dir: RunDir, *, log: Log) -> dict[str, Any]:
+    """One method on an already built federation; writes everything into ``run_dir``."""
+    run_dir.write_config(cfg)
+    method = build_method(cfg.method, cfg)
+    result = run_federated(fed, method, run_dir, log=log)
+    summary = _summarise(cfg, fed, result, run_dir)
+    run_dir.write_summary(summary)
+    plot_run(result["rows"], run_dir.plots_dir, title=f"{cfg.method} on {fed.dataset.name}")
+    summary["rows"] = result["rows"]
+    return summary
+
+
+def run(cfg: Config, *, log: Log = stderr_log) -> dict[str, Any]:
+    run_dir = RunDir(
+        Path(cfg.output_dir) / (cfg.run_name or default_run_name(cfg, cfg.method)),
+        overwrite=cfg.overwrite,
+    )
+    fed = build_federation(cfg, log=log)
+    summary = run_method(cfg, fed, run_dir, log=log)
+    log(
+        f"done: final accuracy {summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f} "
+        f"at round {summary['best_round']}), upload {summary['total_upload_bytes'] / 1e6:.2f} MB, "
+        f"{summary['wall_time_s']:.0f}s -> {run_dir.path}"
+    )
+    return summary
+
+
+def comparison_table(summaries: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        "| method | final accuracy | best accuracy (round) | upload total (MB) | upload per round (MB) | wall time (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, s in summaries.items():
+        lines.append(
+            f"| {name} | {s['final_accuracy']:.4f} | {s['best_accuracy']:.4f} ({s['best_round']}) | "
+            f"{s['total_upload_bytes'] / 1e6:.2f} | {s['total_upload_bytes'] / 1e6 / s['rounds']:.3f} | "
+            f"{s['wall_time_s']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def compare(cfg: Config, *, log: Log = stderr_log) -> dict[str, dict[str, Any]]:
+    """Every method in ``cfg.methods`` on the same data, partition, seed and starting model."""
+    root = Path(cfg.output_dir) / (cfg.run_name or default_run_name(cfg, "compare"))
+    run_dirs = {m: RunDir(root / m, overwrite=cfg.overwrite) for m in cfg.methods}
+    fed = build_federation(cfg, log=log)
+    summaries = {}
+    for method in cfg.methods:
+        method_cfg = cfg.replace(method=method, run_name=None)
+        fed.cfg = method_cfg
+        summaries[method] = run_method(method_cfg, fed, run_dirs[method], log=log)
+    table = comparison_table(summaries)
+    header = (
+        f"# fedlora compare: {fed.dataset.name}, model {cfg.model}, {cfg.num_clients} clients "
+        f"({cfg.partition} partition), {cfg.rounds} rounds x {cfg.local_steps} local steps, "
+        f"rank {cfg.rank}, seed {cfg.seed}\n\n"
+    )
+    (root / "comparison.md").write_text(header + table + "\n")
+    plot_comparison(
+        {m: s["rows"] for m, s in summaries.items()},
+        root / "comparison.png",
+        title=f"{fed.dataset.name}, {cfg.num_clients} clients",
+    )
+    print(header + table, flush=True)
+    log(f"wrote {root / 'comparison.md'} and {root / 'comparison.png'}")
+    return summaries

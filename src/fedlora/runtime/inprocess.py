@@ -1,0 +1,152 @@
+"""The in-process runtime: the round loop, with every client in one process.
+
+One base model serves all clients: a client's state is the adapter it is sent, swapped
+into the model before it trains, so K clients cost one model plus K adapters. A round:
+
+1. ``plan = method.plan(t)``: what clients train (``A``, ``B`` or both, and the head);
+2. sample ``max(1, round(client_fraction * K))`` clients (seeded);
+3. each sampled client trains from the global adapter and replies with the trained tensors;
+4. ``method.aggregate(...)`` combines the replies into the new global adapter (and any
+   increment folded into the frozen weights, FedEx-LoRA's residual);
+5. evaluate the global model on the global eval set and on every client's eval split.
+
+Round 0 evaluates the starting model before any training.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import replace
+from typing import Any
+
+from fedlora.client import LocalTraining, evaluate, train_client
+from fedlora.federation import Federation, Log, stderr_log
+from fedlora.messages import AdapterState, ClientUpdate, RoundPlan
+from fedlora.methods import Method
+from fedlora.outputs import RunDir
+
+
+def sample_clients(client_ids: list[int], fraction: float, rng: random.Random) -> list[int]:
+    count = max(1, round(fraction * len(client_ids)))
+    return sorted(rng.sample(client_ids, count))
+
+
+def evaluate_global(fed: Federation) -> dict[str, Any]:
+    size = fed.cfg.eval_batch_size
+    accuracy, loss = evaluate(fed.adapter.model, fed.test, batch_size=size)
+    per_client = {
+        cid: evaluate(fed.adapter.model, splits.eval, batch_size=size)[0]
+        for cid, splits in fed.encoded.items()
+    }
+    return {"accuracy": accuracy, "loss": loss, "client_accuracy": per_client}
+
+
+def _train_round(
+    fed: Federation, method: Method, plan: RoundPlan, state: AdapterState, sampled: list[int]
+) -> list[ClientUpdate]:
+    cfg = fed.cfg
+    settings = LocalTraining(
+        local_steps=cfg.local_steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        optimizer=cfg.optimizer,
+        weight_decay=cfg.weight_decay,
+    )
+    if getattr(method, "pools_clients", False):
+        # Same total steps as the sampled clients together, on their pooled data.
+        settings = replace(settings, local_steps=cfg.local_steps * len(sampled))
+        jobs = [(0, fed.pooled_train)]
+    else:
+        jobs = [(cid, fed.encoded[cid].train) for cid in sampled]
+    updates = []
+    for cid, data in jobs:
+        update = train_client(
+            adapter=fed.adapter,
+            state=state,
+            data=data,
+            plan=plan,
+            settings=settings,
+            client_id=cid,
+            seed=cfg.seed,
+        )
+        update.check_finite()
+        updates.append(update)
+    return updates
+
+
+def run_federated(
+    fed: Federation, method: Method, run_dir: RunDir, *, log: Log = stderr_log
+) -> dict[str, Any]:
+    """Run ``cfg.rounds`` rounds of ``method``; write metrics, adapter and plots."""
+    cfg = fed.cfg
+    state = fed.reset()
+    scaling = fed.adapter.scaling()
+    rng = random.Random(cfg.seed)
+    client_ids = [c.client_id for c in fed.clients]
+    start = time.perf_counter()
+    tag = f"[{method.name}]"
+
+    t0 = time.perf_counter()
+    row: dict[str, Any] = {"round": 0, "method": method.name, "trained": "", "clients": []}
+    row |= evaluate_global(fed)
+    row |= {"upload_bytes": 0, "download_bytes": 0, "time_eval_s": time.perf_counter() - t0}
+    run_dir.log_metrics(row)
+    log(f"{tag} round 0/{cfg.rounds}: accuracy {row['accuracy']:.4f}  loss {row['loss']:.4f}")
+    rows = [row]
+
+    for t in range(1, cfg.rounds + 1):
+        plan = method.plan(t)
+        sampled = sample_clients(client_ids, cfg.client_fraction, rng)
+        download = state.nbytes() * len(sampled)
+
+        t0 = time.perf_counter()
+        updates = _train_round(fed, method, plan, state, sampled)
+        t_train = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        weights = [
+            float(u.num_examples) if cfg.weighting == "num_examples" else 1.0 for u in updates
+        ]
+        result = method.aggregate(
+            plan=plan, state=state, updates=updates, weights=weights, scaling=scaling
+        )
+        for layer, delta in result.base_delta.items():
+            fed.adapter.add_to_base(layer, delta)
+        state = result.state
+        fed.adapter.set_state(state)
+        t_agg = time.perf_counter() - t0
+
+        row = {
+            "round": t,
+            "method": method.name,
+            "trained": plan.trained + ("+head" if plan.train_head else ""),
+            "clients": sampled,
+            "train_loss": sum(u.train_loss for u in updates) / len(updates),
+            "upload_bytes": sum(u.nbytes() for u in updates),
+            "download_bytes": download,
+        }
+        if result.agg_error:
+            errors = dict(result.agg_error)
+            row["agg_error"] = {"mean": sum(errors.values()) / len(errors), "layers": errors}
+        t0 = time.perf_counter()
+        due = t % cfg.eval_every == 0 or t == cfg.rounds
+        row |= evaluate_global(fed) if due else {"accuracy": None, "loss": None}
+        row |= {
+            "time_train_s": t_train,
+            "time_aggregate_s": t_agg,
+            "time_eval_s": time.perf_counter() - t0,
+            "elapsed_s": time.perf_counter() - start,
+        }
+        run_dir.log_metrics(row)
+        rows.append(row)
+        acc = f"accuracy {row['accuracy']:.4f}" if due else "accuracy -"
+        log(
+            f"{tag} round {t}/{cfg.rounds} trained {plan.trained:<2} {acc}  "
+            f"train loss {row['train_loss']:.4f}  up {row['upload_bytes'] / 1e6:.3f} MB  "
+            f"{row['elapsed_s']:.0f}s"
+        )
+    method_state = method.state_dict()
+    fed.adapter.save(run_dir.adapter_dir, state)
+    return {"rows": rows, "state": state, "method_state": method_state,
+            "wall_time_s": time.perf_counter() - start}
