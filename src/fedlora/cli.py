@@ -28,7 +28,9 @@ def _split_args(items: Sequence[str]) -> tuple[str | None, list[str]]:
         elif path is None:
             path = item
         else:
-            raise FedLoraError(f"unexpected argument '{item}': give one config file and key=value overrides")
+            raise FedLoraError(
+                f"unexpected argument '{item}': give one config file and key=value overrides"
+            )
     return path, overrides
 
 
@@ -42,8 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
         ("compare", "run every method in config key 'methods' on the same setup"),
     ):
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("args", nargs="*", metavar="CONFIG|key=value",
-                       help="an optional YAML config file, then key=value overrides")
+        p.add_argument(
+            "args",
+            nargs="*",
+            metavar="CONFIG|key=value",
+            help="an optional YAML config file, then key=value overrides",
+        )
     return parser
 
 

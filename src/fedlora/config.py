@@ -27,6 +27,68 @@ RUNTIMES = ("inprocess",)
 
 
 @dataclasses.dataclass(frozen=True)
+class Phase:
+    """One phase of ``method: schedule``: ``method`` for ``rounds`` rounds (None: to the end)."""
+
+    method: str
+    rounds: int | None = None
+
+
+SCHEDULABLE = ("fedavg", "ffa", "rolora", "fra", "fedex")
+
+
+ACCOUNTANTS = ("rdp", "prv")
+
+
+@dataclasses.dataclass(frozen=True)
+class DPConfig:
+    """Example-level DP-SGD on every client (``docs/privacy.md``); off unless a noise
+    multiplier or a target epsilon is given, never both."""
+
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
+
+    @property
+    def enabled(self) -> bool:
+        return self.noise_multiplier is not None or self.target_epsilon is not None
+
+    def __post_init__(self) -> None:
+        if self.noise_multiplier is not None and self.target_epsilon is not None:
+            raise FedLoraError(
+                "give dp.noise_multiplier or dp.target_epsilon, not both "
+                "(the target picks the noise)"
+            )
+        if self.noise_multiplier is not None and self.noise_multiplier < 0:
+            raise FedLoraError(
+                f"config key 'dp.noise_multiplier' must be >= 0, got {self.noise_multiplier}"
+            )
+        if self.target_epsilon is not None and self.target_epsilon <= 0:
+            raise FedLoraError(
+                f"config key 'dp.target_epsilon' must be > 0, got {self.target_epsilon}"
+            )
+        if not 0.0 < self.delta < 1.0:
+            raise FedLoraError(f"config key 'dp.delta' must be in (0, 1), got {self.delta}")
+        if self.max_grad_norm <= 0:
+            raise FedLoraError(
+                f"config key 'dp.max_grad_norm' must be > 0, got {self.max_grad_norm}"
+            )
+        if self.accountant not in ACCOUNTANTS:
+            raise FedLoraError(
+                f"config key 'dp.accountant' must be one of {', '.join(ACCOUNTANTS)}; got '{self.accountant}'"
+            )
+        if self.target_epsilon is not None:
+            # Imported here: Opacus is only loaded by runs that ask for a privacy budget.
+            from fedlora.privacy.accounting import check_target_reachable
+
+            check_target_reachable(
+                target_epsilon=self.target_epsilon, delta=self.delta, accountant=self.accountant
+            )
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """All settings of one federated run. Defaults are the packaged demo (MiniLM, BBC News)."""
 
@@ -63,12 +125,16 @@ class Config:
     )
     rounds: int = 10
     runtime: str = "inprocess"
+    client_ranks: list[int] | None = None
+    schedule: list[Phase] | None = None
     # Client training
     local_steps: int = 10
     batch_size: int = 16
     lr: float = 5e-4
     optimizer: str = "adamw"
     weight_decay: float = 0.0
+    # Differential privacy (nested: dp.noise_multiplier=1.0, dp.target_epsilon=3, ...)
+    dp: DPConfig = dataclasses.field(default_factory=DPConfig)
     # Evaluation and outputs
     eval_every: int = 1
     eval_batch_size: int = 64
@@ -100,7 +166,9 @@ def _positive(cfg: Config, *names: str) -> None:
 def _choice(cfg: Config, name: str, choices: tuple[str, ...]) -> None:
     value = getattr(cfg, name)
     if value not in choices:
-        raise FedLoraError(f"config key '{name}' must be one of {', '.join(choices)}; got '{value}'")
+        raise FedLoraError(
+            f"config key '{name}' must be one of {', '.join(choices)}; got '{value}'"
+        )
 
 
 def _check_values(cfg: Config) -> None:
@@ -117,7 +185,9 @@ def _check_values(cfg: Config) -> None:
         if not 0.0 <= value < 1.0:
             raise FedLoraError(f"config key '{name}' must be in [0, 1), got {value}")
     if not 0.0 < cfg.client_fraction <= 1.0:
-        raise FedLoraError(f"config key 'client_fraction' must be in (0, 1], got {cfg.client_fraction}")
+        raise FedLoraError(
+            f"config key 'client_fraction' must be in (0, 1], got {cfg.client_fraction}"
+        )
     if cfg.weight_decay < 0:
         raise FedLoraError(f"config key 'weight_decay' must be >= 0, got {cfg.weight_decay}")
     _choice(cfg, "optimizer", OPTIMIZERS)
@@ -130,10 +200,44 @@ def _check_values(cfg: Config) -> None:
             raise FedLoraError(f"unknown method '{method}' (known: {', '.join(METHOD_NAMES)})")
     if not cfg.methods:
         raise FedLoraError("config key 'methods' must name at least one method")
+    _check_method_options(cfg)
     if cfg.layers is not None and (not cfg.layers or min(cfg.layers) < 0):
-        raise FedLoraError(f"config key 'layers' must be a non-empty list of block indices >= 0, got {cfg.layers}")
+        raise FedLoraError(
+            f"config key 'layers' must be a non-empty list of block indices >= 0, got {cfg.layers}"
+        )
     if cfg.target_modules is not None and not cfg.target_modules:
         raise FedLoraError("config key 'target_modules' must not be an empty list")
+
+
+def _check_method_options(cfg: Config) -> None:
+    used = {cfg.method, *cfg.methods}
+    if cfg.client_ranks is not None:
+        if "flora" not in used:
+            raise FedLoraError(
+                "config key 'client_ranks' needs method flora (the only method with per-client ranks)"
+            )
+        if len(cfg.client_ranks) != cfg.num_clients or min(cfg.client_ranks) < 1:
+            raise FedLoraError(
+                f"config key 'client_ranks' must list one rank >= 1 per client ({cfg.num_clients}), "
+                f"got {cfg.client_ranks}"
+            )
+    if "schedule" in used and not cfg.schedule:
+        raise FedLoraError(
+            "method 'schedule' needs config key 'schedule': a list of {method, rounds} phases"
+        )
+    for i, phase in enumerate(cfg.schedule or []):
+        if phase.method not in SCHEDULABLE:
+            raise FedLoraError(
+                f"schedule phase {i + 1}: method '{phase.method}' cannot be scheduled "
+                f"(allowed: {', '.join(SCHEDULABLE)})"
+            )
+        last = i == len(cfg.schedule or []) - 1
+        if phase.rounds is None and not last:
+            raise FedLoraError(
+                f"schedule phase {i + 1} ({phase.method}) needs 'rounds' (only the last may omit it)"
+            )
+        if phase.rounds is not None and phase.rounds < 1:
+            raise FedLoraError(f"schedule phase {i + 1} ({phase.method}): rounds must be >= 1")
 
 
 # --- loading -----------------------------------------------------------------------------
@@ -157,7 +261,9 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         return [_coerce(key, v, item_type) for v in value]
     if origin is Literal:
         if value not in get_args(annotation):
-            raise FedLoraError(f"config key '{key}' must be one of {get_args(annotation)}, got {value!r}")
+            raise FedLoraError(
+                f"config key '{key}' must be one of {get_args(annotation)}, got {value!r}"
+            )
         return value
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):

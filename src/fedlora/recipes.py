@@ -17,7 +17,9 @@ def default_run_name(cfg: Config, kind: str) -> str:
     return f"{kind}-{cfg.dataset.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _summarise(cfg: Config, fed: Federation, result: dict[str, Any], run_dir: RunDir) -> dict[str, Any]:
+def _summarise(
+    cfg: Config, fed: Federation, result: dict[str, Any], run_dir: RunDir
+) -> dict[str, Any]:
     rows = result["rows"]
     evaluated = [r for r in rows if r.get("accuracy") is not None]
     best = max(evaluated, key=lambda r: r["accuracy"])
@@ -40,6 +42,8 @@ def _summarise(cfg: Config, fed: Federation, result: dict[str, Any], run_dir: Ru
         "total_download_bytes": sum(r["download_bytes"] for r in rows),
         "adapter_bytes": result["state"].nbytes(),
         "method_state": result["method_state"],
+        # Enough to recompute each client's epsilon with Opacus (docs/privacy.md).
+        **({"dp": result["privacy"]} if result.get("privacy") else {}),
         "wall_time_s": result["wall_time_s"],
         "adapter_dir": str(run_dir.adapter_dir),
     }

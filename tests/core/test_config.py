@@ -25,10 +25,28 @@ def test_scalar_for_list_key_is_one_element_list():
 
 def test_required_key_names_exist():
     names = set(Config.__dataclass_fields__)
-    required = {"model", "dataset", "data_dir", "num_clients", "rounds", "local_steps",
-                "batch_size", "lr", "optimizer", "method", "rank", "alpha", "target_modules",
-                "layers", "partition", "client_fraction", "weighting", "eval_every", "seed",
-                "output_dir"}
+    required = {
+        "model",
+        "dataset",
+        "data_dir",
+        "num_clients",
+        "rounds",
+        "local_steps",
+        "batch_size",
+        "lr",
+        "optimizer",
+        "method",
+        "rank",
+        "alpha",
+        "target_modules",
+        "layers",
+        "partition",
+        "client_fraction",
+        "weighting",
+        "eval_every",
+        "seed",
+        "output_dir",
+    }
     assert required <= names
 
 
@@ -71,5 +89,8 @@ def test_missing_and_invalid_files(tmp_path: Path):
 
 def test_nested_override_parsing():
     assert parse_overrides(["dp.delta=1e-5", "dp.accountant=rdp"]) == {
-        "dp": {"delta": "1e-5", "accountant": "rdp"}  # PyYAML: no dot, a string; coerced by field type
+        "dp": {
+            "delta": "1e-5",
+            "accountant": "rdp",
+        }  # PyYAML: no dot, a string; coerced by field type
     }

@@ -35,8 +35,16 @@ def test_metrics_rows_and_fields(fed, tmp_path):
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert rows == json.loads(json.dumps(result["rows"]))
     for r in rows:
-        assert {"round", "method", "trained", "accuracy", "loss", "client_accuracy",
-                "upload_bytes", "download_bytes"} <= set(r)
+        assert {
+            "round",
+            "method",
+            "trained",
+            "accuracy",
+            "loss",
+            "client_accuracy",
+            "upload_bytes",
+            "download_bytes",
+        } <= set(r)
         assert set(r["client_accuracy"]) == {"0", "1", "2"}
         assert 0.0 <= r["accuracy"] <= 1.0
     assert rows[0]["upload_bytes"] == 0 and rows[1]["trained"] == "AB+head"
@@ -78,8 +86,15 @@ def test_clients_with_identical_data_and_seed_return_identical_updates(fed):
     settings = LocalTraining(local_steps=2, batch_size=8, lr=0.01)
     data = fed.encoded[0].train
     ups = [
-        train_client(adapter=fed.adapter, state=fed.initial_state, data=data, plan=plan,
-                     settings=settings, client_id=0, seed=0)
+        train_client(
+            adapter=fed.adapter,
+            state=fed.initial_state,
+            data=data,
+            plan=plan,
+            settings=settings,
+            client_id=0,
+            seed=0,
+        )
         for _ in range(2)
     ]
     for layer in ups[0].A:
@@ -88,11 +103,17 @@ def test_clients_with_identical_data_and_seed_return_identical_updates(fed):
         assert not torch.equal(ups[0].B[layer], fed.initial_state.B[layer])
     # and their FedAvg is that same update: the sent adapter plus the common change
     method = build_method("fedavg", fed.cfg)
-    agg = method.aggregate(plan=plan, state=fed.initial_state, updates=ups, weights=[1, 1],
-                           scaling=fed.adapter.scaling())
+    agg = method.aggregate(
+        plan=plan,
+        state=fed.initial_state,
+        updates=ups,
+        weights=[1, 1],
+        scaling=fed.adapter.scaling(),
+    )
     for layer in ups[0].A:
-        torch.testing.assert_close(agg.state.B[layer] @ agg.state.A[layer],
-                                   ups[0].B[layer] @ ups[0].A[layer])
+        torch.testing.assert_close(
+            agg.state.B[layer] @ agg.state.A[layer], ups[0].B[layer] @ ups[0].A[layer]
+        )
 
 
 def test_same_seed_same_run(tiny_overrides, tmp_path):
@@ -109,8 +130,14 @@ def test_saved_adapter_loads_with_peft_and_reproduces_accuracy(tiny_overrides, t
     cfg = load_config(None, [*tiny_overrides, "method=rolora"])
     summary = recipes.run(cfg, log=silent)
     run_dir = Path(cfg.output_dir) / "t"
-    for name in ("config.yaml", "metrics.jsonl", "summary.json", "adapter/adapter_config.json",
-                 "adapter/adapter_model.safetensors", "plots/accuracy.png"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "summary.json",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "plots/accuracy.png",
+    ):
         assert (run_dir / name).is_file(), name
     base = AutoModelForSequenceClassification.from_pretrained(
         summary["model_path"], num_labels=len(summary["label_names"]), ignore_mismatched_sizes=True

@@ -25,12 +25,16 @@ class Aggregate:
     ``base_delta`` holds per-layer dense increments (shape ``(out, in)``, already including
     the LoRA ``scaling``) that every client folds into its frozen weight (FedEx-LoRA's
     residual); empty for methods whose result is all in the factors. ``agg_error`` is the
-    per-layer relative aggregation error (0.0 for exact methods).
+    per-layer relative aggregation error (0.0 for exact methods). ``delta_bytes`` is what
+    delivering ``base_delta`` costs per client on the wire, in the form the method would
+    send it (a dense residual, or stacked factors): it is counted in the next round's
+    download on top of the adapter state.
     """
 
     state: AdapterState
     base_delta: Mapping[str, torch.Tensor] = field(default_factory=dict)
     agg_error: Mapping[str, float] = field(default_factory=dict)
+    delta_bytes: int = 0
 
 
 class Method(Protocol):
@@ -53,6 +57,15 @@ class Method(Protocol):
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
 
+class PerClientStart(Protocol):
+    """Optional: a method whose clients do not all start from the global adapter
+    (FLoRA: each client restarts a fresh adapter at its own rank)."""
+
+    def client_start(
+        self, state: AdapterState, *, client_id: int, plan: RoundPlan
+    ) -> AdapterState: ...
+
+
 def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """``sum_k w_k t_k / sum_k w_k`` (the head and any other plainly averaged tensor)."""
     total = float(sum(weights))
@@ -68,9 +81,7 @@ def aggregate_head(
     """FedAvg of the classifier head when clients trained it; else the head unchanged."""
     if not updates or not updates[0].head:
         return dict(state.head)
-    return {
-        name: weighted_mean([u.head[name] for u in updates], weights) for name in state.head
-    }
+    return {name: weighted_mean([u.head[name] for u in updates], weights) for name in state.head}
 
 
 def uniform_zero_error(state: AdapterState) -> dict[str, float]:

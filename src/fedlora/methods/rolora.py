@@ -28,7 +28,9 @@ class RoLoRA:
         self.phase = "B"  # the factor the next round trains
 
     def plan(self, round: int) -> RoundPlan:
-        return RoundPlan(round=round, trained=self.phase, train_head=self.train_head, method=self.name)  # type: ignore[arg-type]
+        return RoundPlan(
+            round=round, trained=self.phase, train_head=self.train_head, method=self.name
+        )  # type: ignore[arg-type]
 
     def aggregate(
         self,
@@ -46,7 +48,9 @@ class RoLoRA:
             new_A = {k: weighted_mean([u.A[k] for u in updates], weights) for k in state.A}
         head = aggregate_head(state, updates, weights)
         self.phase = "A" if plan.trained == "B" else "B"
-        return Aggregate(state=AdapterState(A=new_A, B=new_B, head=head), agg_error=uniform_zero_error(state))
+        return Aggregate(
+            state=AdapterState(A=new_A, B=new_B, head=head), agg_error=uniform_zero_error(state)
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {"phase": self.phase}

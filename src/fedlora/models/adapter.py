@@ -9,16 +9,17 @@ name -> tensor) and back, so methods, runtimes and the Flower app never see PEFT
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import torch
 from peft.tuners.lora import LoraLayer
+from safetensors.torch import load_file, save_file
 
 from fedlora.messages import AdapterState, Factor
 
 _PREFIX = "base_model.model."
-_HEAD_MARK = ".modules_to_save.default."
 
 
 class PeftAdapter:
@@ -32,11 +33,34 @@ class PeftAdapter:
             for name, module in peft_model.named_modules()
             if isinstance(module, LoraLayer)
         }
-        self.head_params: dict[str, torch.nn.Parameter] = {
-            name.removeprefix(_PREFIX).replace(_HEAD_MARK, "."): param
-            for name, param in peft_model.named_parameters()
-            if _HEAD_MARK in name
+        self.rank = int(peft_model.peft_config["default"].r)
+        self.rank_adapters: dict[int, str] = {self.rank: "default"}
+        self.head_params = self._head_params("default")
+
+    def _head_params(self, adapter_name: str) -> dict[str, torch.nn.Parameter]:
+        mark = f".modules_to_save.{adapter_name}."
+        return {
+            name.removeprefix(_PREFIX).replace(mark, "."): param
+            for name, param in self.model.named_parameters()
+            if mark in name
         }
+
+    def use_rank(self, rank: int) -> None:
+        """Activate the adapter of rank ``rank``, adding one (PEFT ``add_adapter``) if needed.
+
+        Clients of different ranks (FLoRA) share the one base model: each rank gets its own
+        named PEFT adapter, and only the active one takes part in the forward pass.
+        """
+        if rank not in self.rank_adapters:
+            name = f"rank{rank}"
+            config = dataclasses.replace(self.model.peft_config["default"], r=rank)
+            self.model.add_adapter(name, config)
+            self.rank_adapters[rank] = name
+        name = self.rank_adapters[rank]
+        if name != self.adapter_name:
+            self.model.set_adapter(name)
+            self.adapter_name = name
+            self.head_params = self._head_params(name)
 
     # -- the adapter as messages ---------------------------------------------------------
 
@@ -58,6 +82,11 @@ class PeftAdapter:
 
     @torch.no_grad()
     def set_state(self, state: AdapterState) -> None:
+        """Load ``state`` into the adapter whose rank matches it (see :meth:`use_rank`)."""
+        if state.A:
+            self.use_rank(next(iter(state.A.values())).shape[0])
+        elif state.B:
+            self.use_rank(next(iter(state.B.values())).shape[1])
         for layer, value in state.A.items():
             self._A(layer).copy_(value)
         for layer, value in state.B.items():
@@ -90,15 +119,49 @@ class PeftAdapter:
 
         transformers' ``Conv1D`` (GPT-2) stores its weight transposed, ``(in, out)``.
         """
-        base = self.lora_layers[layer].get_base_layer()
-        weight = base.weight
-        if type(base).__name__ == "Conv1D":
-            delta = delta.T
-        weight.add_(delta.to(dtype=weight.dtype, device=weight.device))
+        _fold(self.lora_layers[layer].get_base_layer(), delta)
 
     # -- on disk ---------------------------------------------------------------------------
 
-    def save(self, directory: str | Path, state: AdapterState) -> None:
-        """Write ``state`` as a standard PEFT adapter (``PeftModel.from_pretrained`` loads it)."""
+    def save(
+        self, directory: str | Path, state: AdapterState, base_delta: dict[str, torch.Tensor]
+    ) -> None:
+        """Write ``state`` as a standard PEFT adapter (``PeftModel.from_pretrained`` loads it).
+
+        Methods that fold increments into the frozen weights (FedEx-LoRA, FLoRA) leave a
+        ``base_delta.safetensors`` beside it (layer name -> ``(out, in)`` increment);
+        :func:`apply_base_delta` adds it to a freshly loaded base model.
+        """
         self.set_state(state)
-        self.model.save_pretrained(str(directory))
+        self.model.save_pretrained(str(directory), selected_adapters=["default"])
+        if base_delta:
+            save_file(
+                {k: v.contiguous() for k, v in base_delta.items()},
+                str(Path(directory) / BASE_DELTA_FILE),
+            )
+
+
+BASE_DELTA_FILE = "base_delta.safetensors"
+
+
+@torch.no_grad()
+def apply_base_delta(model: torch.nn.Module, adapter_dir: str | Path) -> bool:
+    """Add a saved ``base_delta.safetensors`` to the frozen weights of ``model`` (a PEFT
+    model or its base). Returns False when the adapter has none."""
+    path = Path(adapter_dir) / BASE_DELTA_FILE
+    if not path.is_file():
+        return False
+    modules = dict(model.named_modules())
+    for layer, delta in load_file(str(path)).items():
+        module = modules.get(layer) or modules.get(_PREFIX + layer)
+        if module is None:
+            raise KeyError(f"layer {layer} of {path} not in the model")
+        _fold(module.get_base_layer() if hasattr(module, "get_base_layer") else module, delta)
+    return True
+
+
+def _fold(base: torch.nn.Module, delta: torch.Tensor) -> None:
+    # transformers' Conv1D (GPT-2) stores its weight transposed, (in, out).
+    if type(base).__name__ == "Conv1D":
+        delta = delta.T
+    base.weight.add_(delta.to(dtype=base.weight.dtype, device=base.weight.device))

@@ -95,7 +95,9 @@ def attach_lora(model: torch.nn.Module, lora: LoRASettings, *, seed: int) -> Any
     missing = [t for t in targets if t not in names]
     if missing:
         raise FedLoraError(f"target module(s) {missing} not found in model {type(model).__name__}")
-    num_layers = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
+    num_layers = getattr(model.config, "num_hidden_layers", None) or getattr(
+        model.config, "n_layer", None
+    )
     if lora.layers is not None and num_layers is not None and max(lora.layers) >= num_layers:
         raise FedLoraError(f"layers {lora.layers} out of range: the model has {num_layers} blocks")
     config = LoraConfig(
@@ -127,7 +129,9 @@ def load_classifier(
     try:
         torch.manual_seed(seed)  # the classifier head's init
         model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, local_files_only=local,
+            path,
+            num_labels=num_labels,
+            local_files_only=local,
             # a checkpoint fine-tuned for another label set keeps its body, gets a new head
             ignore_mismatched_sizes=True,
         )

@@ -26,8 +26,11 @@ def plot_run(rows: Sequence[Mapping[str, Any]], out_dir: Path, *, title: str) ->
     ax.plot(x, y, "k-o", lw=2, ms=3, label="global (global eval set)")
     client_ids = sorted({c for r in rows for c in (r.get("client_accuracy") or {})}, key=int)
     for cid in client_ids:
-        pts = [(r["round"], r["client_accuracy"][cid]) for r in rows
-               if (r.get("client_accuracy") or {}).get(cid) is not None]
+        pts = [
+            (r["round"], r["client_accuracy"][cid])
+            for r in rows
+            if (r.get("client_accuracy") or {}).get(cid) is not None
+        ]
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "--", lw=1, label=f"client {cid}")
     ax.set(xlabel="round", ylabel="accuracy", title=title)
@@ -53,7 +56,9 @@ def plot_run(rows: Sequence[Mapping[str, Any]], out_dir: Path, *, title: str) ->
     return written
 
 
-def plot_comparison(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, *, title: str) -> Path:
+def plot_comparison(
+    runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, *, title: str
+) -> Path:
     """Global accuracy per round, one line per method."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.0))
     for name, rows in runs.items():

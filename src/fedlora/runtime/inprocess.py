@@ -18,13 +18,18 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
 
 from fedlora.client import LocalTraining, evaluate, train_client
 from fedlora.federation import Federation, Log, stderr_log
 from fedlora.messages import AdapterState, ClientUpdate, RoundPlan
 from fedlora.methods import Method
 from fedlora.outputs import RunDir
+
+if TYPE_CHECKING:
+    from fedlora.privacy import FederatedPrivacy
 
 
 def sample_clients(client_ids: list[int], fraction: float, rng: random.Random) -> list[int]:
@@ -43,7 +48,12 @@ def evaluate_global(fed: Federation) -> dict[str, Any]:
 
 
 def _train_round(
-    fed: Federation, method: Method, plan: RoundPlan, state: AdapterState, sampled: list[int]
+    fed: Federation,
+    method: Method,
+    plan: RoundPlan,
+    state: AdapterState,
+    sampled: list[int],
+    privacy: FederatedPrivacy | None = None,
 ) -> list[ClientUpdate]:
     cfg = fed.cfg
     settings = LocalTraining(
@@ -59,11 +69,13 @@ def _train_round(
         jobs = [(0, fed.pooled_train)]
     else:
         jobs = [(cid, fed.encoded[cid].train) for cid in sampled]
+    client_start = getattr(method, "client_start", None)
     updates = []
     for cid, data in jobs:
-        update = train_client(
+        train = train_client if privacy is None else privacy.trainer(cid)  # DP wraps the trainer
+        update = train(
             adapter=fed.adapter,
-            state=state,
+            state=client_start(state, client_id=cid, plan=plan) if client_start else state,
             data=data,
             plan=plan,
             settings=settings,
@@ -85,23 +97,36 @@ def run_federated(
     rng = random.Random(cfg.seed)
     client_ids = [c.client_id for c in fed.clients]
     start = time.perf_counter()
-    tag = f"[{method.name}]"
+    tag = f"[{getattr(method, 'label', method.name)}]"
+    base_total: dict[str, torch.Tensor] = {}  # what has been folded into the frozen weights
+    pending_delta_bytes = 0
+    privacy: FederatedPrivacy | None = None
+    if cfg.dp.enabled:
+        from fedlora.privacy import plan_for_federation  # Opacus loads only for DP runs
+
+        privacy = plan_for_federation(fed, pools_clients=getattr(method, "pools_clients", False))
+        log(f"{tag} {privacy.describe()}")
 
     t0 = time.perf_counter()
     row: dict[str, Any] = {"round": 0, "method": method.name, "trained": "", "clients": []}
     row |= evaluate_global(fed)
     row |= {"upload_bytes": 0, "download_bytes": 0, "time_eval_s": time.perf_counter() - t0}
+    row |= privacy.metrics() if privacy else {}
     run_dir.log_metrics(row)
     log(f"{tag} round 0/{cfg.rounds}: accuracy {row['accuracy']:.4f}  loss {row['loss']:.4f}")
     rows = [row]
 
     for t in range(1, cfg.rounds + 1):
+        pool = client_ids if privacy is None else privacy.trainable(client_ids)
+        if not pool:
+            log(f"{tag} every client has spent its privacy budget: stopping after round {t - 1}")
+            break
         plan = method.plan(t)
-        sampled = sample_clients(client_ids, cfg.client_fraction, rng)
-        download = state.nbytes() * len(sampled)
+        sampled = sample_clients(pool, cfg.client_fraction, rng)
+        download = (state.nbytes() + pending_delta_bytes) * len(sampled)
 
         t0 = time.perf_counter()
-        updates = _train_round(fed, method, plan, state, sampled)
+        updates = _train_round(fed, method, plan, state, sampled, privacy)
         t_train = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -113,13 +138,15 @@ def run_federated(
         )
         for layer, delta in result.base_delta.items():
             fed.adapter.add_to_base(layer, delta)
+            base_total[layer] = base_total[layer] + delta if layer in base_total else delta.clone()
+        pending_delta_bytes = result.delta_bytes
         state = result.state
         fed.adapter.set_state(state)
         t_agg = time.perf_counter() - t0
 
         row = {
             "round": t,
-            "method": method.name,
+            "method": plan.method,
             "trained": plan.trained + ("+head" if plan.train_head else ""),
             "clients": sampled,
             "train_loss": sum(u.train_loss for u in updates) / len(updates),
@@ -129,6 +156,13 @@ def run_federated(
         if result.agg_error:
             errors = dict(result.agg_error)
             row["agg_error"] = {"mean": sum(errors.values()) / len(errors), "layers": errors}
+        if privacy is not None:
+            for cid in privacy.end_round():
+                log(
+                    f"{tag} client {cid} stops training: one more round would exceed "
+                    f"dp.target_epsilon={cfg.dp.target_epsilon:g}"
+                )
+            row |= privacy.metrics()
         t0 = time.perf_counter()
         due = t % cfg.eval_every == 0 or t == cfg.rounds
         row |= evaluate_global(fed) if due else {"accuracy": None, "loss": None}
@@ -145,8 +179,14 @@ def run_federated(
             f"{tag} round {t}/{cfg.rounds} trained {plan.trained:<2} {acc}  "
             f"train loss {row['train_loss']:.4f}  up {row['upload_bytes'] / 1e6:.3f} MB  "
             f"{row['elapsed_s']:.0f}s"
+            + (f"  epsilon <= {max(row['epsilon'].values()):.3f}" if privacy else "")
         )
     method_state = method.state_dict()
-    fed.adapter.save(run_dir.adapter_dir, state)
-    return {"rows": rows, "state": state, "method_state": method_state,
-            "wall_time_s": time.perf_counter() - start}
+    fed.adapter.save(run_dir.adapter_dir, state, base_total)
+    return {
+        "rows": rows,
+        "state": state,
+        "method_state": method_state,
+        "privacy": privacy.summary() if privacy else None,
+        "wall_time_s": time.perf_counter() - start,
+    }

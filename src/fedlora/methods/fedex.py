@@ -1,0 +1,62 @@
+"""FedEx-LoRA: FedAvg of the factors plus the exact residual, folded into the base weight.
+
+Singhal, Ponkshe, Vepakomma, "FedEx-LoRA: Exact Aggregation for Federated and Efficient
+Fine-Tuning of Foundation Models", arXiv 2410.09432. With ``A = sum_k w_k A_k`` and
+``B = sum_k w_k B_k``, the residual of the average update is
+
+    R = sum_k w_k B_k A_k - B A,
+
+and every client sets ``W0 <- W0 + s R`` (``s`` the LoRA scaling), so that its effective
+weight ``W0 + s B A`` equals ``W0_prev + s sum_k w_k B_k A_k`` exactly. The residual is
+dense (``out x in`` per layer): delivering it costs a full-size matrix per layer per round,
+counted in the download. :class:`~fedlora.models.adapter.PeftAdapter` folds it with the
+orientation right for ``nn.Linear`` and GPT-2's ``Conv1D``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fedlora import aggregation
+from fedlora.messages import AdapterState, ClientUpdate, RoundPlan, tensor_bytes
+from fedlora.methods.base import Aggregate, aggregate_head, uniform_zero_error
+
+
+class FedExLoRA:
+    name = "fedex"
+
+    def __init__(self, *, train_head: bool = True) -> None:
+        self.train_head = train_head
+
+    def plan(self, round: int) -> RoundPlan:
+        return RoundPlan(round=round, trained="AB", train_head=self.train_head, method=self.name)
+
+    def aggregate(
+        self,
+        *,
+        plan: RoundPlan,
+        state: AdapterState,
+        updates: Sequence[ClientUpdate],
+        weights: Sequence[float],
+        scaling: Mapping[str, float],
+    ) -> Aggregate:
+        new_A, new_B, delta = {}, {}, {}
+        for layer in state.A:
+            As = [u.A[layer] for u in updates]
+            Bs = [u.B[layer] for u in updates]
+            new_A[layer], new_B[layer], residual = aggregation.fedex(As, Bs, weights)
+            delta[layer] = scaling[layer] * residual
+        head = aggregate_head(state, updates, weights)
+        return Aggregate(
+            state=AdapterState(A=new_A, B=new_B, head=head),
+            base_delta=delta,
+            agg_error=uniform_zero_error(state),
+            delta_bytes=tensor_bytes(delta.values()),
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        pass

@@ -1,0 +1,79 @@
+"""A method that changes over rounds: a list of phases, each a method for some rounds.
+
+The FRA-LoRA paper (Trautmann, Hales, Volk, arXiv 2501.06332) proposes a hybrid:
+full-rank aggregation in the first rounds, where it converges faster, then FFA-LoRA.
+In the config::
+
+    method: schedule
+    schedule:
+      - {method: fra, rounds: 5}
+      - {method: ffa}            # the last phase runs to the end
+
+A phase continues from the global adapter the previous phase left (FFA-LoRA then keeps
+the ``A`` that FRA produced frozen). Which phase is active, and how many of its rounds
+have run, is part of :meth:`state_dict`, with each phase's own state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fedlora.messages import AdapterState, ClientUpdate, RoundPlan
+from fedlora.methods.base import Aggregate, Method
+
+
+class Schedule:
+    name = "schedule"
+
+    def __init__(self, phases: Sequence[tuple[Method, int | None]]) -> None:
+        self.phases = list(phases)
+        self.index = 0
+        self.rounds_in_phase = 0
+
+    @property
+    def label(self) -> str:
+        return ">".join(f"{m.name}:{n}" if n else m.name for m, n in self.phases)
+
+    @property
+    def current(self) -> Method:
+        return self.phases[self.index][0]
+
+    def plan(self, round: int) -> RoundPlan:
+        method, length = self.phases[self.index]
+        if (
+            length is not None
+            and self.rounds_in_phase >= length
+            and self.index + 1 < len(self.phases)
+        ):
+            self.index += 1
+            self.rounds_in_phase = 0
+        return self.current.plan(round)
+
+    def aggregate(
+        self,
+        *,
+        plan: RoundPlan,
+        state: AdapterState,
+        updates: Sequence[ClientUpdate],
+        weights: Sequence[float],
+        scaling: Mapping[str, float],
+    ) -> Aggregate:
+        result = self.current.aggregate(
+            plan=plan, state=state, updates=updates, weights=weights, scaling=scaling
+        )
+        self.rounds_in_phase += 1
+        return result
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "phase": self.index,
+            "rounds_in_phase": self.rounds_in_phase,
+            "phases": [m.state_dict() for m, _ in self.phases],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.index = int(state["phase"])
+        self.rounds_in_phase = int(state["rounds_in_phase"])
+        for (method, _), sub in zip(self.phases, state["phases"], strict=True):
+            method.load_state_dict(sub)

@@ -1,0 +1,96 @@
+"""Bad input: one line on stderr, exit status 2, no traceback, results left intact."""
+
+from pathlib import Path
+
+import pytest
+
+from fedlora.cli import main
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str]:
+    code = main(list(args))
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def assert_one_line_error(code: int, err: str, fragment: str) -> None:
+    assert code == 2
+    assert err.startswith("fedlora: error: "), err
+    assert "\n" not in err and "Traceback" not in err
+    assert fragment in err, err
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("method=fedprox", "unknown method 'fedprox'"),
+        ("bogus_key=1", "unknown config key 'bogus_key'"),
+        ("rank=0", "'rank' must be >= 1"),
+        ("dataset=/nonexistent/data.csv", "/nonexistent/data.csv"),
+        ("model=/nonexistent/model", "model path not found"),
+    ],
+)
+def test_bad_config(capsys, tiny_overrides, override, fragment):
+    code, err = run_cli(capsys, "run", *tiny_overrides, override)
+    assert_one_line_error(code, err, fragment)
+
+
+def test_missing_config_file(capsys):
+    code, err = run_cli(capsys, "run", "/nonexistent/config.yaml")
+    assert_one_line_error(code, err, "config file not found")
+
+
+def test_more_clients_than_examples(capsys, tiny_overrides):
+    code, err = run_cli(capsys, "run", *tiny_overrides, "max_train_examples=10", "num_clients=20")
+    assert_one_line_error(code, err, "clients")
+
+
+def test_empty_partition(capsys, tiny_overrides):
+    code, err = run_cli(
+        capsys,
+        "run",
+        *tiny_overrides,
+        "num_clients=30",
+        "partition=dirichlet",
+        "partition_alpha=0.01",
+    )
+    assert_one_line_error(code, err, "no training examples")
+
+
+def test_missing_column_and_label_mismatch(capsys, tiny_overrides, tmp_path: Path):
+    data = tmp_path / "d.csv"
+    data.write_text("sentence,label\n" + "".join(f"text {i},{i % 2}\n" for i in range(40)))
+    code, err = run_cli(capsys, "run", *tiny_overrides, f"dataset={data}")
+    assert_one_line_error(code, err, "text")  # default text column 'text' is missing
+    glue = tmp_path / "glue" / "SST-2"
+    glue.mkdir(parents=True)
+    (glue / "train.tsv").write_text(
+        "sentence\tlabel\n" + "".join(f"a {i}\t{i % 2}\n" for i in range(40))
+    )
+    (glue / "dev.tsv").write_text(
+        "sentence\tlabel\n" + "".join(f"b {i}\t{i % 3}\n" for i in range(9))
+    )
+    code, err = run_cli(
+        capsys, "run", *tiny_overrides, "dataset=sst2", f"data_dir={tmp_path / 'glue'}"
+    )
+    assert_one_line_error(code, err, "label")
+
+
+def test_nan_update_is_rejected_and_earlier_results_survive(capsys, tiny_overrides, tmp_path):
+    code, _ = run_cli(capsys, "run", *tiny_overrides)
+    assert code == 0
+    run_dir = (
+        Path([o for o in tiny_overrides if o.startswith("output_dir=")][0].split("=", 1)[1]) / "t"
+    )
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    code, err = run_cli(
+        capsys, "run", *tiny_overrides, "run_name=diverged", "lr=1e30", "optimizer=sgd"
+    )
+    assert_one_line_error(code, err, "non-finite")
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+
+
+def test_existing_run_directory_is_refused(capsys, tiny_overrides):
+    assert run_cli(capsys, "run", *tiny_overrides)[0] == 0
+    code, err = run_cli(capsys, "run", *tiny_overrides)
+    assert_one_line_error(code, err, "already holds results")
