@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,7 +110,10 @@ def attach_lora(model: torch.nn.Module, lora: LoRASettings, *, seed: int) -> Any
         layers_to_transform=lora.layers,
     )
     torch.manual_seed(seed)  # the shared random init of A: every client and the server agree
-    peft_model = get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # transformers 5 deprecates a name PEFT 0.21 still calls; harmless here
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        peft_model = get_peft_model(model, config)
     return peft_model
 
 
