@@ -54,7 +54,7 @@ def test_empty_partition(capsys, tiny_overrides):
         "partition=dirichlet",
         "partition_alpha=0.01",
     )
-    assert_one_line_error(code, err, "no training examples")
+    assert_one_line_error(code, err, "raise alpha or lower num_clients")
 
 
 def test_missing_column_and_label_mismatch(capsys, tiny_overrides, tmp_path: Path):
