@@ -157,7 +157,7 @@ def run_federated(
             errors = dict(result.agg_error)
             row["agg_error"] = {"mean": sum(errors.values()) / len(errors), "layers": errors}
         if privacy is not None:
-            for cid in privacy.end_round():
+            for cid in privacy.end_round() if t < cfg.rounds else []:
                 log(
                     f"{tag} client {cid} stops training: one more round would exceed "
                     f"dp.target_epsilon={cfg.dp.target_epsilon:g}"
