@@ -2,6 +2,10 @@
 
     fedlora run [CONFIG.yaml] [key=value ...]
     fedlora compare [CONFIG.yaml] [key=value ...]
+    fedlora run --resume RUN_DIR
+    fedlora sweep [CONFIG.yaml] [key=value ...] --grid key=v1,v2 [--grid ...]
+    fedlora report RUNS_DIR
+    fedlora experiment linear [--out DIR]
 
 Errors in the user's input print one line (``fedlora: error: ...``) and exit with status 2.
 """
@@ -50,12 +54,52 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="CONFIG|key=value",
             help="an optional YAML config file, then key=value overrides",
         )
+        if name == "run":
+            p.add_argument(
+                "--resume",
+                metavar="RUN_DIR",
+                help="continue a killed in-process run from its last checkpoint",
+            )
+    p = sub.add_parser("sweep", help="one run per point of a grid; skips finished runs")
+    p.add_argument("args", nargs="*", metavar="CONFIG|key=value")
+    p.add_argument("--grid", action="append", default=[], metavar="key=v1,v2", help="a grid axis")
+    p = sub.add_parser("report", help="markdown tables and plots from finished runs")
+    p.add_argument("runs_dir", metavar="RUNS_DIR")
+    p = sub.add_parser("experiment", help="the papers' analytical experiments")
+    p.add_argument("name", choices=["linear"])
+    p.add_argument("--out", default="runs/linear", help="directory for the plot and table")
+    p.add_argument("--seed", type=int, default=0)
     return parser
+
+
+def _other(args: argparse.Namespace) -> bool:
+    """sweep, report, experiment; False for run and compare."""
+    from fedlora import reproduce
+
+    if args.command == "sweep":
+        path, overrides = _split_args(args.args)
+        reproduce.sweep(path, overrides, reproduce.parse_grid(args.grid))
+    elif args.command == "report":
+        print(reproduce.write_report(args.runs_dir), flush=True)
+    elif args.command == "experiment":
+        from fedlora.reproduce.linear import run_linear
+
+        print(run_linear(out_dir=args.out, seed=args.seed), flush=True)
+    else:
+        return False
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "resume", None):
+            if args.args:
+                raise FedLoraError("--resume takes the run directory only: no config or overrides")
+            recipes.resume(args.resume)
+            return 0
+        if _other(args):
+            return 0
         path, overrides = _split_args(args.args)
         cfg = load_config(path, overrides)
         log = stderr_log if cfg.progress else silent

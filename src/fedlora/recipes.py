@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
 
-from fedlora.config import Config
+from fedlora.config import Config, config_from_dict, read_yaml
+from fedlora.errors import FedLoraError
 from fedlora.federation import Federation, Log, build_federation, stderr_log
 from fedlora.methods import build_method
 from fedlora.outputs import RunDir, plot_comparison, plot_run
 from fedlora.runtime import run_federated
+from fedlora.runtime.checkpoint import load_checkpoint, truncate_metrics
 
 
 def default_run_name(cfg: Config, kind: str) -> str:
@@ -74,6 +77,30 @@ def run(cfg: Config, *, log: Log = stderr_log) -> dict[str, Any]:
         f"{summary['wall_time_s']:.0f}s -> {run_dir.path}"
     )
     return summary
+
+
+def resume(path: str | Path, *, log: Log = stderr_log) -> dict[str, Any]:
+    """Continue the in-process run in ``path`` after its last checkpoint (``fedlora run
+    --resume``): the config is read back from ``config.yaml``, ``metrics.jsonl`` is cut back
+    to the checkpoint's round, and the rounds after it run as they would have."""
+    run_dir = RunDir.reopen(path)
+    summary_path = run_dir.path / "summary.json"
+    if summary_path.is_file():
+        log(f"{run_dir.path} already finished: nothing to resume")
+        return json.loads(summary_path.read_text())
+    cfg = config_from_dict(read_yaml(run_dir.path / "config.yaml"))
+    if cfg.runtime != "inprocess":
+        raise FedLoraError("--resume continues in-process runs only (runtime=inprocess)")
+    ckpt = load_checkpoint(run_dir.path)
+    truncate_metrics(run_dir.metrics_path, None if ckpt is None else ckpt.round)
+    fed = build_federation(cfg, log=log)
+    method = build_method(cfg.method, cfg)
+    result = run_federated(fed, method, run_dir, log=log, resume=ckpt)
+    summary = _summarise(cfg, fed, result, run_dir)
+    run_dir.write_summary(summary)
+    plot_run(result["rows"], run_dir.plots_dir, title=f"{cfg.method} on {fed.dataset.name}")
+    log(f"done: final accuracy {summary['final_accuracy']:.4f} -> {run_dir.path}")
+    return summary | {"rows": result["rows"]}
 
 
 def comparison_table(summaries: dict[str, dict[str, Any]]) -> str:

@@ -57,6 +57,16 @@ class RunDir:
         self.metrics_path = self.path / "metrics.jsonl"
         self.metrics_path.write_text("")
 
+    @classmethod
+    def reopen(cls, path: str | Path) -> RunDir:
+        """An existing run's directory, kept as it is (``fedlora run --resume``)."""
+        run_dir = cls.__new__(cls)
+        run_dir.path = Path(path)
+        if not (run_dir.path / "config.yaml").is_file():
+            raise FedLoraError(f"{run_dir.path} is not a run directory (no config.yaml)")
+        run_dir.metrics_path = run_dir.path / "metrics.jsonl"
+        return run_dir
+
     @property
     def adapter_dir(self) -> Path:
         return self.path / "adapter"

@@ -27,6 +27,8 @@ from fedlora.federation import Federation, Log, stderr_log
 from fedlora.messages import AdapterState, ClientUpdate, RoundPlan
 from fedlora.methods import Method
 from fedlora.outputs import RunDir
+from fedlora.outputs.run_dir import read_metrics
+from fedlora.runtime.checkpoint import Checkpoint, capture, debug_kill, restore, save_checkpoint
 
 if TYPE_CHECKING:
     from fedlora.privacy import FederatedPrivacy
@@ -84,13 +86,24 @@ def _train_round(
         )
         update.check_finite()
         updates.append(update)
+        debug_kill("train", plan.round)
     return updates
 
 
 def run_federated(
-    fed: Federation, method: Method, run_dir: RunDir, *, log: Log = stderr_log
+    fed: Federation,
+    method: Method,
+    run_dir: RunDir,
+    *,
+    log: Log = stderr_log,
+    resume: Checkpoint | None = None,
 ) -> dict[str, Any]:
-    """Run ``cfg.rounds`` rounds of ``method``; write metrics, adapter and plots."""
+    """Run ``cfg.rounds`` rounds of ``method``; write metrics, adapter and plots.
+
+    A checkpoint is saved after every round (:mod:`fedlora.runtime.checkpoint`); with
+    ``resume`` the loop continues after the checkpoint's round, ``metrics.jsonl`` already
+    cut back to it.
+    """
     cfg = fed.cfg
     state = fed.reset()
     scaling = fed.adapter.scaling()
@@ -107,16 +120,40 @@ def run_federated(
         privacy = plan_for_federation(fed, pools_clients=getattr(method, "pools_clients", False))
         log(f"{tag} {privacy.describe()}")
 
-    t0 = time.perf_counter()
-    row: dict[str, Any] = {"round": 0, "method": method.name, "trained": "", "clients": []}
-    row |= evaluate_global(fed)
-    row |= {"upload_bytes": 0, "download_bytes": 0, "time_eval_s": time.perf_counter() - t0}
-    row |= privacy.metrics() if privacy else {}
-    run_dir.log_metrics(row)
-    log(f"{tag} round 0/{cfg.rounds}: accuracy {row['accuracy']:.4f}  loss {row['loss']:.4f}")
-    rows = [row]
+    def checkpoint(t: int) -> None:
+        save_checkpoint(
+            run_dir.path,
+            capture(
+                round=t,
+                state=state,
+                method=method,
+                rng=rng,
+                base_total=base_total,
+                base_weight=fed.adapter.base_weight,
+                pending_delta_bytes=pending_delta_bytes,
+                privacy=privacy,
+            ),
+        )
+        debug_kill("checkpoint", t)
 
-    for t in range(1, cfg.rounds + 1):
+    if resume is not None:
+        rng = restore(resume, adapter=fed.adapter, method=method, privacy=privacy)
+        state, base_total = resume.state, dict(resume.base_total)
+        pending_delta_bytes = resume.pending_delta_bytes
+        rows = read_metrics(run_dir.path)
+        log(f"{tag} resuming after round {resume.round}/{cfg.rounds}")
+    else:
+        t0 = time.perf_counter()
+        row: dict[str, Any] = {"round": 0, "method": method.name, "trained": "", "clients": []}
+        row |= evaluate_global(fed)
+        row |= {"upload_bytes": 0, "download_bytes": 0, "time_eval_s": time.perf_counter() - t0}
+        row |= privacy.metrics() if privacy else {}
+        run_dir.log_metrics(row)
+        log(f"{tag} round 0/{cfg.rounds}: accuracy {row['accuracy']:.4f}  loss {row['loss']:.4f}")
+        rows = [row]
+        checkpoint(0)
+
+    for t in range(len(rows), cfg.rounds + 1):
         pool = client_ids if privacy is None else privacy.trainable(client_ids)
         if not pool:
             log(f"{tag} every client has spent its privacy budget: stopping after round {t - 1}")
@@ -173,6 +210,8 @@ def run_federated(
             "elapsed_s": time.perf_counter() - start,
         }
         run_dir.log_metrics(row)
+        debug_kill("metrics", t)
+        checkpoint(t)
         rows.append(row)
         acc = f"accuracy {row['accuracy']:.4f}" if due else "accuracy -"
         log(
