@@ -1,0 +1,133 @@
+"""FRA-LoRA: the best rank-``r`` approximation of the clients' average update.
+
+FRA-LoRA (Trautmann, Hales, Volk, arXiv:2501.06332): the server replaces factor averaging
+by the truncated SVD of ``M = sum_k w_k B_k A_k`` (Eckart-Young: the best rank-``r``
+approximation in Frobenius norm), computed from the stacked factors without forming ``M``
+when that is cheaper (see :mod:`fedlora.aggregation.lowrank`).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from fedlora.aggregation.factors import check_factors
+from fedlora.aggregation.lowrank import singular_values_of_product, svd_of_product
+
+__all__ = ["fra", "fra_truncation_error", "fra_with_error"]
+
+
+def _check_rank(rank: int) -> int:
+    try:
+        value = operator.index(rank)
+    except TypeError:
+        raise ValueError(f"rank must be an integer >= 1, got {rank!r}") from None
+    if value < 1:
+        raise ValueError(f"rank must be >= 1, got {value}")
+    return value
+
+
+def _discarded_share(s: Tensor, rank: int) -> float:
+    energy = s.square()
+    total = float(energy.sum())
+    if total == 0.0:
+        return 0.0
+    return float(energy[rank:].sum()) / total
+
+
+def fra_with_error(
+    As: Sequence[Tensor],
+    Bs: Sequence[Tensor],
+    weights: Sequence[float] | Tensor | None = None,
+    *,
+    rank: int,
+) -> tuple[Tensor, Tensor, float]:
+    """FRA-LoRA factors and their truncation error from one SVD.
+
+    With ``M = sum_k w_k B_k A_k = U diag(s) V^T`` (``s`` decreasing) and ``r = rank``:
+
+        B = U_r diag(sqrt(s_r)),   A = diag(sqrt(s_r)) V_r^T,
+        B A = argmin_{rank(X) <= r} ||M - X||_F                  (Eckart-Young),
+        err = sum_{i > r} s_i^2 / sum_i s_i^2                    (0.0 when M = 0),
+
+    (Trautmann, Hales, Volk, FRA-LoRA, arXiv:2501.06332). Splitting ``sqrt(s)`` evenly
+    gives balanced factors, ``B^T B = A A^T = diag(s_r)``.
+
+    Route: if ``R = sum_k r_k < min(out, in)`` the SVD comes from QR factorisations of the
+    stacked factors and an ``R x R`` core, never forming the ``out x in`` matrix ``M``;
+    otherwise from ``torch.linalg.svd`` of the dense ``M``. Arithmetic is float64 (see
+    :func:`~fedlora.aggregation.factors.work_dtype`), the outputs are cast back to the
+    input dtype and stay on the input device.
+
+    Determinism: each column of ``U`` is signed so that its largest-magnitude entry is
+    positive, so identical inputs give identical factors whichever route is taken (up to
+    rounding, and except for exact ties in magnitude or repeated singular values, where the
+    factors are not unique but ``B A`` still is). Singular values below the rounding level
+    ``s_1 max(out, in, R) eps`` count as zero.
+
+    Args:
+        As: per client ``A_k`` of shape ``(r_k, in)``; ranks may differ.
+        Bs: per client ``B_k`` of shape ``(out, r_k)``.
+        weights: non-negative client weights, normalised here; None means uniform.
+        rank: rank of the result. If it exceeds the rank available in ``M``, the extra
+            singular values are zero: ``B`` gets zero columns and ``A`` zero rows, so the
+            shapes are always ``(out, rank)`` and ``(rank, in)``.
+
+    Returns:
+        ``(A, B, err)`` with ``A`` of shape ``(rank, in)``, ``B`` of shape ``(out, rank)``.
+
+    Raises:
+        ValueError: ``rank < 1``, or invalid factors or weights (see ``check_factors``).
+    """
+    rank = _check_rank(rank)
+    f = check_factors(As, Bs, weights)
+    u, s, vh = svd_of_product(f.b_cat, f.w, f.a_cat, top=rank)
+    kept = u.shape[1]
+    root = s[:kept].sqrt()
+    b = torch.zeros(f.out_features, rank, dtype=s.dtype, device=f.device)
+    a = torch.zeros(rank, f.in_features, dtype=s.dtype, device=f.device)
+    b[:, :kept] = u[:, :kept] * root
+    a[:kept] = root[:, None] * vh[:kept]
+    return a.to(f.dtype), b.to(f.dtype), _discarded_share(s, rank)
+
+
+def fra(
+    As: Sequence[Tensor],
+    Bs: Sequence[Tensor],
+    weights: Sequence[float] | Tensor | None = None,
+    *,
+    rank: int,
+) -> tuple[Tensor, Tensor]:
+    """FRA-LoRA aggregation: ``B A`` is the best rank-``rank`` approximation of ``M``.
+
+        M = sum_k w_k B_k A_k = U diag(s) V^T,
+        B = U_r diag(sqrt(s_r)),   A = diag(sqrt(s_r)) V_r^T
+
+    (Trautmann, Hales, Volk, arXiv:2501.06332). Returns ``(A, B)`` of shapes
+    ``(rank, in)`` and ``(out, rank)``; see :func:`fra_with_error` for the route, the
+    precision, the sign convention and zero padding when ``rank`` exceeds ``rank(M)``.
+    """
+    a, b, _ = fra_with_error(As, Bs, weights, rank=rank)
+    return a, b
+
+
+def fra_truncation_error(
+    As: Sequence[Tensor],
+    Bs: Sequence[Tensor],
+    weights: Sequence[float] | Tensor | None = None,
+    *,
+    rank: int,
+) -> float:
+    """Share of ``||M||_F^2`` that FRA-LoRA discards at ``rank``.
+
+        err = sum_{i > rank} s_i^2 / sum_i s_i^2 = ||M - B A||_F^2 / ||M||_F^2
+
+    with ``s`` the singular values of ``M = sum_k w_k B_k A_k`` (0.0 when ``M = 0``).
+    Computes singular values only; use :func:`fra_with_error` when the factors are needed too.
+    """
+    rank = _check_rank(rank)
+    f = check_factors(As, Bs, weights)
+    return _discarded_share(singular_values_of_product(f.b_cat, f.w, f.a_cat), rank)
