@@ -6,6 +6,7 @@
     fedlora sweep [CONFIG.yaml] [key=value ...] --grid key=v1,v2 [--grid ...]
     fedlora report RUNS_DIR
     fedlora experiment linear [--out DIR]
+    fedlora experiment upload
 
 Errors in the user's input print one line (``fedlora: error: ...``) and exit with status 2.
 """
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="markdown tables and plots from finished runs")
     p.add_argument("runs_dir", metavar="RUNS_DIR")
     p = sub.add_parser("experiment", help="the papers' analytical experiments")
-    p.add_argument("name", choices=["linear"])
+    p.add_argument("name", choices=["linear", "upload"])
     p.add_argument("--out", default="runs/linear", help="directory for the plot and table")
     p.add_argument("--seed", type=int, default=0)
     return parser
@@ -82,9 +83,14 @@ def _other(args: argparse.Namespace) -> bool:
     elif args.command == "report":
         print(reproduce.write_report(args.runs_dir), flush=True)
     elif args.command == "experiment":
-        from fedlora.reproduce.linear import run_linear
+        if args.name == "upload":  # RoLoRA Table 6, from RoBERTa-Large's config
+            from fedlora.reproduce.upload import roberta_large_config, upload_table
 
-        print(run_linear(out_dir=args.out, seed=args.seed), flush=True)
+            print(upload_table(roberta_large_config()), flush=True)
+        else:
+            from fedlora.reproduce.linear import run_linear
+
+            print(run_linear(out_dir=args.out, seed=args.seed), flush=True)
     else:
         return False
     return True
