@@ -24,6 +24,8 @@ PARTITIONS = ("iid", "dirichlet", "imbalanced", "natural")
 WEIGHTINGS = ("uniform", "num_examples")
 HEAD_POLICIES = ("train", "frozen")
 RUNTIMES = ("inprocess",)
+TASKS = ("classification", "causal-lm")
+BASE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +102,12 @@ class Config:
     target_modules: list[str] | None = None
     layers: list[int] | None = None
     head: str = "train"
+    # Decoder LLMs (task=causal-lm; docs/llm.md)
+    task: str = "classification"
+    base_dtype: str = "float32"
+    lora_mlp: bool = False
+    chat_template: bool = True
+    verbalizer: list[str] | None = None
     # Data
     dataset: str = "bbc-news"
     data_dir: str | None = None
@@ -195,6 +203,7 @@ def _check_values(cfg: Config) -> None:
     _choice(cfg, "weighting", WEIGHTINGS)
     _choice(cfg, "head", HEAD_POLICIES)
     _choice(cfg, "runtime", RUNTIMES)
+    _check_task_options(cfg)
     for method in [cfg.method, *cfg.methods]:
         if method not in METHOD_NAMES:
             raise FedLoraError(f"unknown method '{method}' (known: {', '.join(METHOD_NAMES)})")
@@ -238,6 +247,22 @@ def _check_method_options(cfg: Config) -> None:
             )
         if phase.rounds is not None and phase.rounds < 1:
             raise FedLoraError(f"schedule phase {i + 1} ({phase.method}): rounds must be >= 1")
+
+
+def _check_task_options(cfg: Config) -> None:
+    _choice(cfg, "task", TASKS)
+    _choice(cfg, "base_dtype", BASE_DTYPES)
+    if cfg.task == "causal-lm":
+        if cfg.runtime != "inprocess":
+            raise FedLoraError("task=causal-lm runs with runtime=inprocess only (for now)")
+        if cfg.max_length < 2:
+            raise FedLoraError(
+                f"config key 'max_length' must be >= 2 for causal-lm, got {cfg.max_length}"
+            )
+        return
+    for name, default in (("base_dtype", "float32"), ("lora_mlp", False), ("verbalizer", None)):
+        if getattr(cfg, name) != default:
+            raise FedLoraError(f"config key '{name}' needs task=causal-lm")
 
 
 # --- loading -----------------------------------------------------------------------------

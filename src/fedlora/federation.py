@@ -25,9 +25,11 @@ from fedlora.data import (
     load_text_dataset,
     partition_clients,
 )
+from fedlora.data.causal import encode_causal, is_causal_source, load_causal_dataset
 from fedlora.errors import FedLoraError
 from fedlora.messages import AdapterState
 from fedlora.models import LoRASettings, PeftAdapter, load_classifier
+from fedlora.models.causal_lm import load_causal_lm
 
 Log = Callable[[str], None]
 
@@ -60,13 +62,14 @@ class Federation:
     model_path: str
     initial_state: AdapterState
     initial_base: dict[str, torch.Tensor]
+    verbalizer: list[str] | None = None  # causal-lm on classification data: a word per label
 
     @property
     def num_labels(self) -> int:
         return len(self.dataset.label_names)
 
     def encode(self, examples: TextExamples) -> Encoded:
-        return encode(self.tokenizer, examples, max_length=self.cfg.max_length)
+        return encode_split(self.cfg, self.tokenizer, examples, verbalizer=self.verbalizer)
 
     @functools.cached_property
     def pooled_train(self) -> Encoded:
@@ -91,20 +94,58 @@ def _pool(clients: list[ClientData]) -> TextExamples:
     return TextExamples(text=text, labels=labels, text_pair=pairs)
 
 
+def encode_split(
+    cfg: Config, tokenizer: object, examples: TextExamples, *, verbalizer: list[str] | None
+) -> Encoded:
+    """Tokenise a split for ``cfg.task`` (response-only labels for causal-lm)."""
+    if cfg.task == "causal-lm":
+        return encode_causal(
+            tokenizer,
+            examples,
+            max_length=cfg.max_length,
+            chat_template=cfg.chat_template,
+            verbalizer=verbalizer,
+        )
+    return encode(tokenizer, examples, max_length=cfg.max_length)
+
+
+def _verbalizer(cfg: Config, dataset: TextDataset, generative: bool) -> list[str] | None:
+    if cfg.task != "causal-lm" or generative:
+        return None
+    words = cfg.verbalizer or dataset.label_names
+    if len(words) != len(dataset.label_names):
+        raise FedLoraError(
+            f"config key 'verbalizer' needs one word per label ({len(dataset.label_names)}: "
+            f"{', '.join(dataset.label_names)}), got {len(words)}"
+        )
+    return list(words)
+
+
 def build_federation(cfg: Config, *, log: Log = stderr_log) -> Federation:
     torch.set_num_threads(cfg.threads)
-    dataset = load_text_dataset(
-        name=cfg.dataset,
-        data_dir=cfg.data_dir,
-        seed=cfg.seed,
-        test_fraction=cfg.test_fraction,
-        text_column=cfg.text_column,
-        text_pair_column=cfg.text_pair_column,
-        label_column=cfg.label_column,
-        group_column=cfg.group_column,
-        max_train_examples=cfg.max_train_examples,
-        max_test_examples=cfg.max_test_examples,
-    )
+    generative = cfg.task == "causal-lm" and is_causal_source(cfg.dataset, cfg.data_dir)
+    if generative:
+        dataset = load_causal_dataset(
+            cfg.dataset,
+            data_dir=cfg.data_dir,
+            seed=cfg.seed,
+            test_fraction=cfg.test_fraction,
+            max_train_examples=cfg.max_train_examples,
+            max_test_examples=cfg.max_test_examples,
+        )
+    else:
+        dataset = load_text_dataset(
+            name=cfg.dataset,
+            data_dir=cfg.data_dir,
+            seed=cfg.seed,
+            test_fraction=cfg.test_fraction,
+            text_column=cfg.text_column,
+            text_pair_column=cfg.text_pair_column,
+            label_column=cfg.label_column,
+            group_column=cfg.group_column,
+            max_train_examples=cfg.max_train_examples,
+            max_test_examples=cfg.max_test_examples,
+        )
     log(
         f"data: {dataset.name}: {len(dataset.train)} train / {len(dataset.test)} eval examples, "
         f"{len(dataset.label_names)} labels"
@@ -127,9 +168,15 @@ def build_federation(cfg: Config, *, log: Log = stderr_log) -> Federation:
         layers=cfg.layers,
         train_head=cfg.head == "train",
     )
-    model, tokenizer, path = load_classifier(
-        cfg.model, num_labels=len(dataset.label_names), lora=lora, seed=cfg.seed
-    )
+    verbalizer = _verbalizer(cfg, dataset, generative)
+    if cfg.task == "causal-lm":
+        model, tokenizer, path = load_causal_lm(
+            cfg.model, lora=lora, seed=cfg.seed, mlp=cfg.lora_mlp, base_dtype=cfg.base_dtype
+        )
+    else:
+        model, tokenizer, path = load_classifier(
+            cfg.model, num_labels=len(dataset.label_names), lora=lora, seed=cfg.seed
+        )
     adapter = PeftAdapter(model)
     if not adapter.lora_layers:
         raise FedLoraError("no LoRA layers were created: check target_modules and layers")
@@ -139,7 +186,7 @@ def build_federation(cfg: Config, *, log: Log = stderr_log) -> Federation:
     )
 
     def enc(examples: TextExamples) -> Encoded:
-        return encode(tokenizer, examples, max_length=cfg.max_length)
+        return encode_split(cfg, tokenizer, examples, verbalizer=verbalizer)
 
     encoded = {c.client_id: ClientSplits(train=enc(c.train), eval=enc(c.eval)) for c in clients}
     initial = adapter.get_state()
@@ -155,4 +202,5 @@ def build_federation(cfg: Config, *, log: Log = stderr_log) -> Federation:
         model_path=path,
         initial_state=initial,
         initial_base=initial_base,
+        verbalizer=verbalizer,
     )

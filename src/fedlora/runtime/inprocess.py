@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fedlora.client import LocalTraining, evaluate, train_client
+from fedlora.client import LocalTraining, evaluate_split, train_client
 from fedlora.federation import Federation, Log, stderr_log
 from fedlora.messages import AdapterState, ClientUpdate, RoundPlan
 from fedlora.methods import Method
@@ -40,13 +40,21 @@ def sample_clients(client_ids: list[int], fraction: float, rng: random.Random) -
 
 
 def evaluate_global(fed: Federation) -> dict[str, Any]:
+    """Global eval set and every client's eval split; causal-LM data adds perplexity."""
     size = fed.cfg.eval_batch_size
-    accuracy, loss = evaluate(fed.adapter.model, fed.test, batch_size=size)
+    row: dict[str, Any] = evaluate_split(fed.adapter.model, fed.test, batch_size=size)
     per_client = {
-        cid: evaluate(fed.adapter.model, splits.eval, batch_size=size)[0]
+        cid: evaluate_split(fed.adapter.model, splits.eval, batch_size=size)
         for cid, splits in fed.encoded.items()
     }
-    return {"accuracy": accuracy, "loss": loss, "client_accuracy": per_client}
+    row["client_accuracy"] = {cid: m["accuracy"] for cid, m in per_client.items()}
+    if "perplexity" in row:
+        row["client_perplexity"] = {cid: m["perplexity"] for cid, m in per_client.items()}
+    return row
+
+
+def _ppl(row: dict[str, Any]) -> str:
+    return f"  perplexity {row['perplexity']:.3f}" if row.get("perplexity") is not None else ""
 
 
 def _train_round(
@@ -149,7 +157,10 @@ def run_federated(
         row |= {"upload_bytes": 0, "download_bytes": 0, "time_eval_s": time.perf_counter() - t0}
         row |= privacy.metrics() if privacy else {}
         run_dir.log_metrics(row)
-        log(f"{tag} round 0/{cfg.rounds}: accuracy {row['accuracy']:.4f}  loss {row['loss']:.4f}")
+        log(
+        f"{tag} round 0/{cfg.rounds}: accuracy {row['accuracy']:.4f}  loss {row['loss']:.4f}"
+        + _ppl(row)
+    )
         rows = [row]
         checkpoint(0)
 
@@ -213,7 +224,7 @@ def run_federated(
         debug_kill("metrics", t)
         checkpoint(t)
         rows.append(row)
-        acc = f"accuracy {row['accuracy']:.4f}" if due else "accuracy -"
+        acc = f"accuracy {row['accuracy']:.4f}{_ppl(row)}" if due else "accuracy -"
         log(
             f"{tag} round {t}/{cfg.rounds} trained {plan.trained:<2} {acc}  "
             f"train loss {row['train_loss']:.4f}  up {row['upload_bytes'] / 1e6:.3f} MB  "
