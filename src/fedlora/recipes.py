@@ -39,6 +39,15 @@ def _summarise(
         "rounds": cfg.rounds,
         "final_accuracy": evaluated[-1]["accuracy"],
         "final_loss": evaluated[-1]["loss"],
+        # causal-lm: the global model's perplexity before training and at the end
+        **(
+            {
+                "base_perplexity": rows[0]["perplexity"],
+                "final_perplexity": evaluated[-1]["perplexity"],
+            }
+            if "perplexity" in rows[0]
+            else {}
+        ),
         "best_accuracy": best["accuracy"],
         "best_round": best["round"],
         "total_upload_bytes": sum(r["upload_bytes"] for r in rows),

@@ -66,6 +66,7 @@ def test_each_method_lowers_perplexity(llm_fed, method):
         assert 0.0 <= r["accuracy"] <= 1.0  # next-token accuracy on response tokens
     assert rows[-1]["perplexity"] < rows[0]["perplexity"]
     assert rows[1]["upload_bytes"] > 0
+    assert not rows[1]["trained"].endswith("+head")
     # a causal LM has no classifier head: nothing but LoRA factors travels
     assert not fed.adapter.head_params and not result["state"].head
     assert (run_dir.adapter_dir / "adapter_config.json").is_file()
@@ -168,3 +169,14 @@ def test_causal_lm_config_errors(tiny_llama_dir, llm_overrides, tmp_path: Path):
     bad = [*llm_overrides, f"model={tiny_llama_dir}", "dataset=bbc-news", "verbalizer=[a,b]"]
     with pytest.raises(FedLoraError, match="one word per label"):
         build_federation(load_config(None, bad), log=silent)
+
+
+def test_fedlora_run_cli_writes_perplexity(tiny_llama_dir, llm_overrides, tmp_path):
+    from fedlora.cli import main
+
+    assert main(["run", *llm_overrides, f"model={tiny_llama_dir}", "method=fra"]) == 0
+    run_dir = tmp_path / "runs" / "t"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = read_metrics(run_dir)
+    assert summary["base_perplexity"] == rows[0]["perplexity"]
+    assert summary["final_perplexity"] == rows[-1]["perplexity"] < rows[0]["perplexity"]

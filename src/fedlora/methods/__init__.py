@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 
 
 def _head(cfg: Config) -> bool:
-    return cfg.head == "train"
+    # a causal LM has no classifier head (PEFT CAUSAL_LM saves none)
+    return cfg.head == "train" and cfg.task == "classification"
 
 
 METHODS: dict[str, Callable[[Config], Method]] = {
