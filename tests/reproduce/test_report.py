@@ -28,6 +28,7 @@ def test_report_table_mean_std_over_seeds(tmp_path):
     text = write_report(tmp_path, title="t")
     assert text == (
         "# t\n\n"
+        "Shared by every run: model=m, dataset=d, rank=2.\n\n"
         "| method | seeds | final acc. (%) | best acc. (%) | upload / round (MB) |\n"
         "|---|---|---|---|---|\n"
         "| fedavg | 2 | 80.00 ± 14.14 | 85.00 ± 7.07 | 2.0000 |\n"

@@ -25,6 +25,21 @@ from fedlora.outputs import read_metrics
 
 # Where or how a run was written, not what it computed.
 _IGNORED = {"seed", "output_dir", "run_name", "overwrite", "progress", "threads"}
+# The settings a reader of a paper-style table needs, printed above it when all runs share them.
+_SHOWN = (
+    "model",
+    "dataset",
+    "method",
+    "num_clients",
+    "partition",
+    "rank",
+    "layers",
+    "rounds",
+    "local_steps",
+    "batch_size",
+    "lr",
+    "max_train_examples",
+)
 
 
 @dataclass(frozen=True)
@@ -156,7 +171,9 @@ def write_report(root: str | Path, *, title: str | None = None) -> str:
     heading = title or (
         f"{root.name}: {first.get('dataset')}, model {first.get('model')}, {len(runs)} runs"
     )
-    text = f"# {heading}\n\n{report_table(runs)}\n"
+    varying, _ = group_runs(runs)
+    shared = [f"{k}={_cell(first[k])}" for k in _SHOWN if k in first and k not in varying]
+    text = f"# {heading}\n\nShared by every run: {', '.join(shared)}.\n\n{report_table(runs)}\n"
     (root / "report.md").write_text(text)
     plot_report(runs, root)
     return text
