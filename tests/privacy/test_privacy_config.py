@@ -3,7 +3,7 @@
 import pytest
 
 from fedlora import cli
-from fedlora.config import load_config
+from fedlora.config import RUNTIMES, load_config
 from fedlora.errors import FedLoraError
 
 BAD = [
@@ -18,6 +18,7 @@ BAD = [
     (["dp.noise_multiplier=1", "dp.max_grad_norm=0"], "dp.max_grad_norm' must be > 0"),
     (["dp.noise_multiplier=1", "dp.accountant=gdp"], "dp.accountant' must be one of rdp, prv"),
     (["dp.noise=1"], "unknown config key 'dp.noise'"),
+    (["dp.target_epsilon=3", "task=causal-lm"], "runtime=inprocess and task=classification"),
 ]
 
 
@@ -40,3 +41,13 @@ def test_good_dp_config_is_enabled_and_off_by_default():
     assert not load_config(None, []).dp.enabled
     cfg = load_config(None, ["dp.target_epsilon=3", "dp.delta=1e-5", "dp.accountant=prv"])
     assert cfg.dp.enabled and cfg.dp.target_epsilon == 3.0 and cfg.dp.delta == 1e-5
+
+
+@pytest.mark.parametrize("runtime", ["flower-sim", "flower"])
+def test_dp_is_refused_not_ignored_on_runtimes_without_it(runtime):
+    if runtime not in RUNTIMES:
+        pytest.skip(f"runtime {runtime} is not in this build")
+    with pytest.raises(FedLoraError, match="runtime=inprocess and task=classification"):
+        load_config(
+            None, ["dp.noise_multiplier=1", f"runtime={runtime}", "superlink=h:1", "insecure=true"]
+        )
