@@ -72,16 +72,18 @@ def overrides(tiny_overrides: list[str]) -> list[str]:
         ("rolora", "train:2"),  # mid-round: one client trained, nothing aggregated
         ("rolora", "metrics:3"),  # round 3's row written, its checkpoint not
         ("fedex", "train:3"),  # FedEx-LoRA folds residuals into the frozen weights
+        ("fedavg+dp", "train:3"),  # DP-SGD: the accountants' history must carry over
     ],
 )
 def test_resume_after_sigkill_equals_uninterrupted(overrides, tmp_path, method, kill):
     runs = tmp_path / "runs"
-    done = fedlora("run", *overrides, f"method={method}", "run_name=ref")
+    args = [*overrides, f"method={method}"]
+    if method == "fedavg+dp":
+        args = [*overrides, "method=fedavg", "dp.target_epsilon=8"]  # + budget stops
+    done = fedlora("run", *args, "run_name=ref")
     assert done.returncode == 0, done.stderr
 
-    killed = fedlora(
-        "run", *overrides, f"method={method}", "run_name=k", env={"FEDLORA_DEBUG_KILL": kill}
-    )
+    killed = fedlora("run", *args, "run_name=k", env={"FEDLORA_DEBUG_KILL": kill})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not (runs / "k" / "summary.json").exists()
 
