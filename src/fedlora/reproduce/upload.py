@@ -111,7 +111,6 @@ def roberta_large_config() -> Any:
         intermediate_size=4096,
         max_position_embeddings=514,
         type_vocab_size=1,
-        num_labels=2,
     )
 
 
