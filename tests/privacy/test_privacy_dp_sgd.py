@@ -175,7 +175,7 @@ def test_rolora_with_dp_runs_four_rounds_with_epsilon_strictly_increasing(fed, t
         assert not hasattr(p, "grad_sample") and not hasattr(p, "_forward_counter")
 
 
-DP_METHODS = ["fedavg", "ffa", "rolora", "fra", "centralized"]
+DP_METHODS = ["fedavg", "ffa", "rolora", "fra", "fedex", "centralized"]
 
 
 @pytest.mark.parametrize("name", DP_METHODS)
