@@ -23,7 +23,7 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 PARTITIONS = ("iid", "dirichlet", "imbalanced", "natural")
 WEIGHTINGS = ("uniform", "num_examples")
 HEAD_POLICIES = ("train", "frozen")
-RUNTIMES = ("inprocess",)
+RUNTIMES = ("inprocess", "flower-sim", "flower")
 TASKS = ("classification", "causal-lm")
 BASE_DTYPES = ("float32", "bfloat16")
 
@@ -129,7 +129,7 @@ class Config:
     weighting: str = "num_examples"
     method: str = "rolora"
     methods: list[str] = dataclasses.field(
-        default_factory=lambda: ["fedavg", "ffa", "rolora", "centralized"]
+        default_factory=lambda: ["fedavg", "ffa", "rolora", "fra", "centralized"]
     )
     rounds: int = 10
     runtime: str = "inprocess"
@@ -152,6 +152,14 @@ class Config:
     run_name: str | None = None
     overwrite: bool = False
     progress: bool = True
+    # Flower runtimes (runtime=flower-sim / flower); see docs/deployment.md
+    min_clients: int = 1
+    round_timeout: float = 600.0
+    sim_actors: int = 1
+    superlink: str | None = None
+    root_certificates: str | None = None
+    insecure: bool = False
+    fail_client_round: list[int] | None = None  # test hook: [client, round] raises there
 
     def __post_init__(self) -> None:
         _check_values(self)
@@ -203,6 +211,7 @@ def _check_values(cfg: Config) -> None:
     _choice(cfg, "weighting", WEIGHTINGS)
     _choice(cfg, "head", HEAD_POLICIES)
     _choice(cfg, "runtime", RUNTIMES)
+    _check_flower_options(cfg)
     _check_task_options(cfg)
     for method in [cfg.method, *cfg.methods]:
         if method not in METHOD_NAMES:
@@ -255,6 +264,37 @@ def _check_method_options(cfg: Config) -> None:
             )
         if phase.rounds is not None and phase.rounds < 1:
             raise FedLoraError(f"schedule phase {i + 1} ({phase.method}): rounds must be >= 1")
+
+
+def _check_flower_options(cfg: Config) -> None:
+    _positive(cfg, "min_clients", "round_timeout", "sim_actors")
+    sampled = max(1, round(cfg.client_fraction * cfg.num_clients))
+    if cfg.min_clients > sampled:
+        raise FedLoraError(
+            f"config key 'min_clients' ({cfg.min_clients}) is more than the {sampled} clients "
+            "sampled per round (client_fraction x num_clients)"
+        )
+    if cfg.fail_client_round is not None and len(cfg.fail_client_round) != 2:
+        raise FedLoraError(
+            f"config key 'fail_client_round' must be [client, round], got {cfg.fail_client_round}"
+        )
+    if cfg.runtime == "inprocess":
+        return
+    if cfg.method == "centralized":
+        raise FedLoraError(
+            "method 'centralized' pools every client's data on one trainer: it runs with "
+            "runtime=inprocess only"
+        )
+    if cfg.runtime == "flower":
+        if not cfg.superlink:
+            raise FedLoraError("runtime=flower needs superlink=HOST:PORT (the SuperLink's address)")
+        if (cfg.root_certificates is None) == (not cfg.insecure):
+            raise FedLoraError(
+                "runtime=flower needs exactly one of root_certificates=<CA certificate> (TLS) "
+                "or insecure=true (no TLS)"
+            )
+        if cfg.root_certificates is not None and not Path(cfg.root_certificates).is_file():
+            raise FedLoraError(f"root_certificates file not found: {cfg.root_certificates}")
 
 
 def _check_task_options(cfg: Config) -> None:

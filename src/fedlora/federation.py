@@ -94,6 +94,18 @@ def _pool(clients: list[ClientData]) -> TextExamples:
     return TextExamples(text=text, labels=labels, text_pair=pairs)
 
 
+def lora_settings(cfg: Config) -> LoRASettings:
+    """The LoRA adapter a config asks for (the server and every client build the same one)."""
+    return LoRASettings(
+        rank=cfg.rank,
+        alpha=cfg.alpha,
+        dropout=cfg.lora_dropout,
+        target_modules=cfg.target_modules,
+        layers=cfg.layers,
+        train_head=cfg.head == "train",
+    )
+
+
 def encode_split(
     cfg: Config, tokenizer: object, examples: TextExamples, *, verbalizer: list[str] | None
 ) -> Encoded:
@@ -160,14 +172,7 @@ def build_federation(cfg: Config, *, log: Log = stderr_log) -> Federation:
         seed=cfg.seed,
     )
     log(describe_clients(clients, dataset.label_names))
-    lora = LoRASettings(
-        rank=cfg.rank,
-        alpha=cfg.alpha,
-        dropout=cfg.lora_dropout,
-        target_modules=cfg.target_modules,
-        layers=cfg.layers,
-        train_head=cfg.head == "train",
-    )
+    lora = lora_settings(cfg)
     verbalizer = _verbalizer(cfg, dataset, generative)
     if cfg.task == "causal-lm":
         model, tokenizer, path = load_causal_lm(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,9 @@ def _summarise(
         "dataset": fed.dataset.name,
         "label_names": fed.dataset.label_names,
         "num_clients": cfg.num_clients,
-        "client_train_sizes": {c.client_id: len(c.train) for c in fed.clients},
+        # Flower runs report the sizes the SuperNodes hold (their own data, if they have it).
+        "client_train_sizes": result.get("client_train_sizes")
+        or {c.client_id: len(c.train) for c in fed.clients},
         "client_eval_sizes": {c.client_id: len(c.eval) for c in fed.clients},
         "eval_size": len(fed.test),
         "rounds": cfg.rounds,
@@ -61,11 +64,22 @@ def _summarise(
     }
 
 
-def run_method(cfg: Config, fed: Federation, run_dir: RunDir, *, log: Log) -> dict[str, Any]:
-    """One method on an already built federation; writes everything into ``run_dir``."""
+def run_method(
+    cfg: Config,
+    fed: Federation,
+    run_dir: RunDir,
+    *,
+    log: Log,
+    rounds: Callable[..., dict[str, Any]] = run_federated,
+) -> dict[str, Any]:
+    """One method on an already built federation; writes everything into ``run_dir``.
+
+    ``rounds`` runs the rounds (``run_federated``'s contract): the in-process loop, or the
+    Flower ServerApp's (:mod:`fedlora.runtime.flower.app`).
+    """
     run_dir.write_config(cfg)
     method = build_method(cfg.method, cfg)
-    result = run_federated(fed, method, run_dir, log=log)
+    result = rounds(fed, method, run_dir, log=log)
     summary = _summarise(cfg, fed, result, run_dir)
     run_dir.write_summary(summary)
     plot_run(result["rows"], run_dir.plots_dir, title=f"{cfg.method} on {fed.dataset.name}")
@@ -74,17 +88,27 @@ def run_method(cfg: Config, fed: Federation, run_dir: RunDir, *, log: Log) -> di
 
 
 def run(cfg: Config, *, log: Log = stderr_log) -> dict[str, Any]:
-    run_dir = RunDir(
-        Path(cfg.output_dir) / (cfg.run_name or default_run_name(cfg, cfg.method)),
-        overwrite=cfg.overwrite,
-    )
-    fed = build_federation(cfg, log=log)
-    summary = run_method(cfg, fed, run_dir, log=log)
-    log(
-        f"done: final accuracy {summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f} "
-        f"at round {summary['best_round']}), upload {summary['total_upload_bytes'] / 1e6:.2f} MB, "
-        f"{summary['wall_time_s']:.0f}s -> {run_dir.path}"
-    )
+    if cfg.runtime != "inprocess":
+        from fedlora.runtime.flower import run_on_flower  # Flower is imported only when used
+
+        cfg = cfg.replace(run_name=cfg.run_name or default_run_name(cfg, cfg.method))
+        summary = run_on_flower(cfg, log=log)
+        path = Path(cfg.output_dir) / str(cfg.run_name)
+    else:
+        run_dir = RunDir(
+            Path(cfg.output_dir) / (cfg.run_name or default_run_name(cfg, cfg.method)),
+            overwrite=cfg.overwrite,
+        )
+        fed = build_federation(cfg, log=log)
+        summary = run_method(cfg, fed, run_dir, log=log)
+        path = run_dir.path
+    if "final_accuracy" in summary:  # a deployed run's summary may live on another machine
+        log(
+            f"done: final accuracy {summary['final_accuracy']:.4f} "
+            f"(best {summary['best_accuracy']:.4f} at round {summary['best_round']}), "
+            f"upload {summary['total_upload_bytes'] / 1e6:.2f} MB, "
+            f"{summary['wall_time_s']:.0f}s -> {path}"
+        )
     return summary
 
 
@@ -128,6 +152,11 @@ def comparison_table(summaries: dict[str, dict[str, Any]]) -> str:
 
 def compare(cfg: Config, *, log: Log = stderr_log) -> dict[str, dict[str, Any]]:
     """Every method in ``cfg.methods`` on the same data, partition, seed and starting model."""
+    if cfg.runtime != "inprocess":
+        raise FedLoraError(
+            "fedlora compare runs in-process (runtime=inprocess); on Flower, "
+            "run one method at a time: fedlora run ... method=<name> runtime=" + cfg.runtime
+        )
     root = Path(cfg.output_dir) / (cfg.run_name or default_run_name(cfg, "compare"))
     run_dirs = {m: RunDir(root / m, overwrite=cfg.overwrite) for m in cfg.methods}
     fed = build_federation(cfg, log=log)

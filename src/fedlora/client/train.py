@@ -11,12 +11,16 @@ CPU and a client's data order does not depend on which other clients were sample
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from fedlora.data import Encoded
 from fedlora.messages import AdapterState, ClientUpdate, RoundPlan
 from fedlora.models.adapter import PeftAdapter
+
+if TYPE_CHECKING:
+    from fedlora.config import Config
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,17 @@ class LocalTraining:
     lr: float
     optimizer: str = "adamw"
     weight_decay: float = 0.0
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> LocalTraining:
+        """The settings every runtime gives a client for ``cfg``."""
+        return cls(
+            local_steps=cfg.local_steps,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            optimizer=cfg.optimizer,
+            weight_decay=cfg.weight_decay,
+        )
 
 
 def make_optimizer(

@@ -29,6 +29,7 @@ from fedlora.methods import Method
 from fedlora.outputs import RunDir
 from fedlora.outputs.run_dir import read_metrics
 from fedlora.runtime.checkpoint import Checkpoint, capture, debug_kill, restore, save_checkpoint
+from fedlora.runtime.rows import eval_due, round_row
 
 if TYPE_CHECKING:
     from fedlora.privacy import FederatedPrivacy
@@ -66,13 +67,7 @@ def _train_round(
     privacy: FederatedPrivacy | None = None,
 ) -> list[ClientUpdate]:
     cfg = fed.cfg
-    settings = LocalTraining(
-        local_steps=cfg.local_steps,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        optimizer=cfg.optimizer,
-        weight_decay=cfg.weight_decay,
-    )
+    settings = LocalTraining.from_config(cfg)
     if getattr(method, "pools_clients", False):
         # Same total steps as the sampled clients together, on their pooled data.
         settings = replace(settings, local_steps=cfg.local_steps * len(sampled))
@@ -158,9 +153,9 @@ def run_federated(
         row |= privacy.metrics() if privacy else {}
         run_dir.log_metrics(row)
         log(
-        f"{tag} round 0/{cfg.rounds}: accuracy {row['accuracy']:.4f}  loss {row['loss']:.4f}"
-        + _ppl(row)
-    )
+            f"{tag} round 0/{cfg.rounds}: accuracy {row['accuracy']:.4f}  loss {row['loss']:.4f}"
+            + _ppl(row)
+        )
         rows = [row]
         checkpoint(0)
 
@@ -192,18 +187,9 @@ def run_federated(
         fed.adapter.set_state(state)
         t_agg = time.perf_counter() - t0
 
-        row = {
-            "round": t,
-            "method": plan.method,
-            "trained": plan.trained + ("+head" if plan.train_head else ""),
-            "clients": sampled,
-            "train_loss": sum(u.train_loss for u in updates) / len(updates),
-            "upload_bytes": sum(u.nbytes() for u in updates),
-            "download_bytes": download,
-        }
-        if result.agg_error:
-            errors = dict(result.agg_error)
-            row["agg_error"] = {"mean": sum(errors.values()) / len(errors), "layers": errors}
+        row = round_row(
+            plan=plan, clients=sampled, updates=updates, download_bytes=download, result=result
+        )
         if privacy is not None:
             for cid in privacy.end_round() if t < cfg.rounds else []:
                 log(
@@ -212,7 +198,7 @@ def run_federated(
                 )
             row |= privacy.metrics()
         t0 = time.perf_counter()
-        due = t % cfg.eval_every == 0 or t == cfg.rounds
+        due = eval_due(t, every=cfg.eval_every, rounds=cfg.rounds)
         row |= evaluate_global(fed) if due else {"accuracy": None, "loss": None}
         row |= {
             "time_train_s": t_train,

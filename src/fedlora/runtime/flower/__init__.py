@@ -1,0 +1,33 @@
+"""fedlora on Flower: the same methods and client training as a Flower app.
+
+``runtime=flower-sim`` runs the app in Flower's simulation engine (Ray) on this machine;
+``runtime=flower`` launches it on a running SuperLink and its SuperNodes. Importing this
+package switches off Flower's telemetry and its per-run dependency installation (both
+need the internet) unless the environment says otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+# Read by flwr when it is first imported: set before any flwr import below.
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+
+from fedlora.config import Config  # noqa: E402
+from fedlora.federation import Log, stderr_log  # noqa: E402
+
+
+def run_on_flower(cfg: Config, *, log: Log = stderr_log) -> dict[str, Any]:
+    """Run ``cfg`` on Flower (``cfg.runtime`` is ``flower-sim`` or ``flower``); the summary."""
+    if cfg.runtime == "flower-sim":
+        from fedlora.runtime.flower.sim import run_simulation
+
+        return run_simulation(cfg, log=log)
+    from fedlora.runtime.flower.deploy import launch
+
+    return launch(cfg, log=log)
+
+
+__all__ = ["run_on_flower"]

@@ -1,0 +1,62 @@
+"""``runtime=flower-sim``: the fedlora Flower app in Flower's simulation engine.
+
+``num_clients`` virtual SuperNodes (``partition-id`` 0..K-1) run the ClientApp in
+``sim_actors`` Ray actors (one CPU each, each with its own copy of the model and data);
+the ServerApp runs in a thread of this process. Nothing is downloaded (telemetry and
+dependency installation are off, see :mod:`fedlora.runtime.flower`) and no SuperLink
+process is started: Ray is shut down when the run ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.simulation import run_simulation as flower_run_simulation
+
+from fedlora.config import Config
+from fedlora.errors import FedLoraError
+from fedlora.federation import Log, stderr_log
+from fedlora.runtime.flower.app import client_app, serve
+
+
+def backend_config(cfg: Config) -> dict[str, Any]:
+    return {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {"num_cpus": cfg.sim_actors, "num_gpus": 0, "include_dashboard": False},
+    }
+
+
+def run_simulation(cfg: Config, *, log: Log = stderr_log) -> dict[str, Any]:
+    """Run ``cfg`` in the simulation engine and return the run's summary."""
+    return run_simulations([cfg], log=log)[0]
+
+
+def run_simulations(cfgs: Sequence[Config], *, log: Log = stderr_log) -> list[dict[str, Any]]:
+    """Several runs one after the other on one simulated federation (one Ray start).
+
+    The configs must agree on ``num_clients`` and ``sim_actors``; a run that fails stops
+    the rest (the run directories of the finished runs are complete on disk).
+    """
+    first = cfgs[0]
+    if any((c.num_clients, c.sim_actors) != (first.num_clients, first.sim_actors) for c in cfgs):
+        raise FedLoraError("runs in one simulation must agree on num_clients and sim_actors")
+    summaries: list[dict[str, Any]] = []
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        for cfg in cfgs:
+            summaries.append(serve(grid, cfg, log=log))
+
+    flower_run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=first.num_clients,
+        backend_config=backend_config(first),  # type: ignore[arg-type]
+    )
+    if len(summaries) != len(cfgs):  # the engine swallowed an error of the ServerApp
+        raise FedLoraError(f"the simulation stopped after {len(summaries)} of {len(cfgs)} runs")
+    return summaries

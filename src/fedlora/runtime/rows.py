@@ -1,0 +1,70 @@
+"""The rows of ``metrics.jsonl``, built the same way by every runtime.
+
+A round's row starts with what the server knows after aggregation (:func:`round_row`),
+then gains the evaluation (``accuracy``, ``loss``, ``client_accuracy``, or ``None`` on
+rounds that are not evaluated) and the timings. Round 0 (:func:`start_row`) evaluates
+the starting model before any training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fedlora.messages import ClientUpdate, RoundPlan
+from fedlora.methods import Aggregate
+
+
+def eval_due(round: int, *, every: int, rounds: int) -> bool:
+    """Round 0, every ``every``-th round and the last round are evaluated."""
+    return round == 0 or round % every == 0 or round == rounds
+
+
+def start_row(method: str) -> dict[str, Any]:
+    return {
+        "round": 0,
+        "method": method,
+        "trained": "",
+        "clients": [],
+        "upload_bytes": 0,
+        "download_bytes": 0,
+    }
+
+
+def round_row(
+    *,
+    plan: RoundPlan,
+    clients: Sequence[int],
+    updates: Sequence[ClientUpdate],
+    download_bytes: int,
+    result: Aggregate,
+) -> dict[str, Any]:
+    """What a round did: who trained what, the bytes moved, the aggregation error."""
+    row: dict[str, Any] = {
+        "round": plan.round,
+        "method": plan.method,
+        "trained": plan.trained + ("+head" if plan.train_head else ""),
+        "clients": list(clients),
+        "train_loss": sum(u.train_loss for u in updates) / len(updates),
+        "upload_bytes": sum(u.nbytes() for u in updates),
+        "download_bytes": download_bytes,
+    }
+    if result.agg_error:
+        errors = dict(result.agg_error)
+        row["agg_error"] = {"mean": sum(errors.values()) / len(errors), "layers": errors}
+    return row
+
+
+def progress_line(tag: str, row: Mapping[str, Any], *, rounds: int) -> str:
+    """The one line per round printed while a run goes."""
+    t = row["round"]
+    if t == 0:
+        return f"{tag} round 0/{rounds}: accuracy {row['accuracy']:.4f}  loss {row['loss']:.4f}"
+    acc = "accuracy -" if row["accuracy"] is None else f"accuracy {row['accuracy']:.4f}"
+    trained = row["trained"].removesuffix("+head")
+    failed = f"  {len(row['failures'])} failed" if row.get("failures") else ""
+    return (
+        f"{tag} round {t}/{rounds} trained {trained:<2} {acc}  "
+        f"train loss {row['train_loss']:.4f}  up {row['upload_bytes'] / 1e6:.3f} MB  "
+        f"{row['elapsed_s']:.0f}s{failed}"
+    )

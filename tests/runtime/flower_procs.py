@@ -1,0 +1,191 @@
+"""Start a Flower SuperLink and SuperNodes on 127.0.0.1 for a test, and stop them all.
+
+Every process is stopped by its id: the ones this module starts, and every descendant
+they started (Flower's SuperExec, ServerApp and ClientApp processes), found with psutil
+before the parents are stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import psutil
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def flower_env(home: Path) -> dict[str, str]:
+    return dict(
+        os.environ,
+        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # flower-superexec, flwr-*
+        FLWR_HOME=str(home),
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        HF_HUB_OFFLINE="1",
+    )
+
+
+def _tree(pid: int) -> list[int]:
+    try:
+        return [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _wait_gone(pids: Sequence[int], timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while (alive := [p for p in pids if _alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return alive
+
+
+class LocalFederation:
+    """A SuperLink and ``num_nodes`` SuperNodes (``partition-id`` 0..n-1) on loopback."""
+
+    def __init__(self, workdir: Path, *, num_nodes: int, certs: Path | None = None) -> None:
+        self.workdir = workdir
+        self.env = flower_env(workdir / "flwr-home")
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.certs = certs
+        self.num_nodes = num_nodes
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.seen: set[int] = set()  # every pid started here or below
+
+    def _start(self, name: str, args: list[str]) -> None:
+        log = (self.workdir / f"{name}.log").open("wb")
+        proc = subprocess.Popen(
+            [str(BIN / args[0]), *args[1:]],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.workdir,
+        )
+        self.procs.append(proc)
+        self.seen.add(proc.pid)
+
+    def start(self, timeout: float = 90.0) -> None:
+        if self.certs is None:
+            tls_link, tls_node = ["--insecure"], ["--insecure"]
+        else:
+            tls_link = [
+                "--ssl-ca-certfile",
+                str(self.certs / "ca.crt"),
+                "--ssl-certfile",
+                str(self.certs / "server.pem"),
+                "--ssl-keyfile",
+                str(self.certs / "server.key"),
+            ]
+            tls_node = ["--root-certificates", str(self.certs / "ca.crt")]
+        self._start(
+            "superlink",
+            [
+                "flower-superlink",
+                *tls_link,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--disable-runtime-dependency-installation",
+            ],
+        )
+        self.wait_for_port(self.port, timeout)
+        for i in range(self.num_nodes):
+            self._start(
+                f"supernode{i}",
+                [
+                    "flower-supernode",
+                    *tls_node,
+                    "--superlink",
+                    self.address,
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(free_port()),
+                    "--node-config",
+                    f"partition-id={i} num-partitions={self.num_nodes}",
+                ],
+            )
+
+    def wait_for_port(self, port: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(p.poll() is not None for p in self.procs):
+                raise RuntimeError(f"a Flower process exited early; see logs in {self.workdir}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            time.sleep(0.3)
+        raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f}s")
+
+    def snapshot(self) -> None:
+        """Remember every descendant now alive (ServerApp/ClientApp processes come and go)."""
+        for proc in self.procs:
+            self.seen.update(_tree(proc.pid))
+
+    def stop(self) -> list[int]:
+        """SIGTERM each started process (SuperNodes first), SIGKILL what is left; by pid.
+
+        Returns the pids still alive afterwards (none, unless something refused to die).
+        """
+        self.snapshot()
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in reversed(self.procs):
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+        # Flower's SuperExec exits on its own once its parent is gone; give it a moment.
+        for pid in _wait_gone(sorted(self.seen), timeout=15):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return _wait_gone(sorted(self.seen), timeout=10)
+
+
+def run_bounded(
+    cmd: list[str], *, env: dict[str, str], timeout: float, cwd: Path
+) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` to the end within ``timeout``; on timeout kill it and its children by pid."""
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=cwd, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        children = _tree(proc.pid)
+        proc.kill()
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        out, _ = proc.communicate()
+        raise TimeoutError(
+            f"{cmd[:2]} did not finish within {timeout:.0f}s:\n{out[-3000:]}"
+        ) from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, None)

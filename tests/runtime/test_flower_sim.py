@@ -1,0 +1,124 @@
+"""The Flower app in Flower's simulation engine: parity with the in-process runtime, and
+runs that survive (or stop on) a failing client."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedlora import recipes
+from fedlora.config import load_config
+from fedlora.errors import FedLoraError
+from fedlora.federation import silent
+from fedlora.methods import METHOD_NAMES
+from fedlora.outputs import read_metrics
+
+pytestmark = pytest.mark.integration
+
+PARITY_METHODS = [m for m in ("fedavg", "rolora", "fra") if m in METHOD_NAMES]
+
+
+def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def comparable(row: dict) -> dict:
+    """A metrics row without its timings."""
+    return {k: v for k, v in row.items() if not k.startswith("time_") and k != "elapsed_s"}
+
+
+def simulate(cfgs):
+    from fedlora.runtime.flower.sim import run_simulations
+
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    try:
+        return run_simulations(cfgs, log=silent)
+    finally:
+        # Ray is shut down when the simulation ends: no process of it is left behind.
+        left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+        gone, alive = psutil.wait_procs(left, timeout=30)
+        assert not alive, f"simulation left processes: {[p.pid for p in alive]}"
+
+
+def assert_same(a, b, *, where: str) -> None:
+    """Equal JSON values, floats within 1e-6."""
+    if isinstance(b, dict):
+        assert isinstance(a, dict) and a.keys() == b.keys(), where
+        for key in b:
+            assert_same(a[key], b[key], where=f"{where}.{key}")
+    elif isinstance(b, float):
+        assert a == pytest.approx(b, abs=1e-6), where
+    else:
+        assert a == b, where
+
+
+def test_flower_sim_matches_inprocess(tiny_overrides, tmp_path):
+    """Same config and seed: the same global adapter after 2 rounds, and the same metrics."""
+    cfgs = {
+        m: load_config(
+            None,
+            [
+                *tiny_overrides,
+                f"method={m}",
+                f"output_dir={tmp_path}/sim",
+                f"run_name={m}",
+                "runtime=flower-sim",
+            ],
+        )
+        for m in PARITY_METHODS
+    }
+    simulate(list(cfgs.values()))
+    for m, cfg in cfgs.items():
+        recipes.run(
+            cfg.replace(runtime="inprocess", output_dir=f"{tmp_path}/inprocess"), log=silent
+        )
+        sim_dir, local_dir = tmp_path / "sim" / m, tmp_path / "inprocess" / m
+        sim_state, local_state = adapter(sim_dir), adapter(local_dir)
+        assert sim_state.keys() == local_state.keys()
+        for key in local_state:
+            torch.testing.assert_close(sim_state[key], local_state[key], atol=1e-6, rtol=0)
+        sim_rows, local_rows = read_metrics(sim_dir), read_metrics(local_dir)
+        assert [r["round"] for r in sim_rows] == [0, 1, 2]
+        for s, loc in zip(sim_rows, local_rows, strict=True):
+            assert_same(comparable(s), comparable(loc), where=f"{m} round {loc['round']}")
+        summary = json.loads((sim_dir / "summary.json").read_text())
+        assert summary["final_accuracy"] == pytest.approx(local_rows[-1]["accuracy"], abs=1e-6)
+
+
+def test_failing_client_is_logged_and_too_few_replies_stop_the_run(tiny_overrides, tmp_path):
+    """Client 1 raises in round 2 of 3. With min_clients=2 the run completes on the other
+    two clients and logs the failure; with min_clients=3 it stops with a clear message and
+    keeps the rounds already written."""
+    base = [
+        *tiny_overrides,
+        "method=fedavg",
+        "rounds=3",
+        "eval_every=3",
+        "runtime=flower-sim",
+        "fail_client_round=[1,2]",
+        f"output_dir={tmp_path}",
+    ]
+    survives = load_config(None, [*base, "min_clients=2", "run_name=survives"])
+    stops = load_config(None, [*base, "min_clients=3", "run_name=stops"])
+    with pytest.raises(
+        FedLoraError, match=r"round 2: 2 of 3 sampled clients replied, fewer than min_clients=3"
+    ):
+        simulate([survives, stops])
+
+    rows = read_metrics(tmp_path / "survives")
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert [r["clients"] for r in rows[1:]] == [[0, 1, 2], [0, 2], [0, 1, 2]]
+    (failure,) = rows[2]["failures"]
+    assert failure["client"] == 1 and failure["stage"] == "train"
+    assert "fail_client_round: client 1 fails in round 2" in failure["error"]
+    assert "failures" not in rows[1] and "failures" not in rows[3]
+    assert (tmp_path / "survives" / "summary.json").is_file()
+
+    kept = read_metrics(tmp_path / "stops")
+    assert [r["round"] for r in kept] == [0, 1]
+    assert not (tmp_path / "stops" / "summary.json").exists()
