@@ -15,16 +15,40 @@ from fedlora import recipes
 from fedlora.config import load_config
 from fedlora.errors import FedLoraError
 from fedlora.federation import silent
-from fedlora.methods import METHOD_NAMES
+from fedlora.models.adapter import BASE_DELTA_FILE
 from fedlora.outputs import read_metrics
 
 pytestmark = pytest.mark.integration
 
-PARITY_METHODS = [m for m in ("fedavg", "rolora", "fra") if m in METHOD_NAMES]
+# The exact methods included: FedEx-LoRA folds a residual into the frozen weights, FLoRA
+# merges its stacked factors there and restarts each client (``client_start``) at its own
+# rank. One simulation runs them all, one after the other.
+PARITY_RUNS = {
+    "fedavg": [],
+    "rolora": [],
+    "fra": [],
+    "fedex": [],
+    "flora": ["client_ranks=[2,4,3]"],
+}
+FOLDS_INTO_BASE = {"fedex", "flora"}
 
 
 def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def base_delta(run_dir: Path) -> dict[str, torch.Tensor]:
+    """What the run folded into the frozen weights ({} when it folds nothing)."""
+    path = run_dir / "adapter" / BASE_DELTA_FILE
+    return load_file(path) if path.is_file() else {}
+
+
+def assert_tensors_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in b:
+        torch.testing.assert_close(
+            a[key], b[key], atol=1e-6, rtol=0, msg=lambda m, k=key: f"{k}: {m}"
+        )
 
 
 def comparable(row: dict) -> dict:
@@ -58,19 +82,21 @@ def assert_same(a, b, *, where: str) -> None:
 
 
 def test_flower_sim_matches_inprocess(tiny_overrides, tmp_path):
-    """Same config and seed: the same global adapter after 2 rounds, and the same metrics."""
+    """Same config and seed: the same global adapter after 2 rounds (and the same increment
+    folded into the frozen weights, for FedEx-LoRA and FLoRA), and the same metrics."""
     cfgs = {
         m: load_config(
             None,
             [
                 *tiny_overrides,
                 f"method={m}",
+                *extra,
                 f"output_dir={tmp_path}/sim",
                 f"run_name={m}",
                 "runtime=flower-sim",
             ],
         )
-        for m in PARITY_METHODS
+        for m, extra in PARITY_RUNS.items()
     }
     simulate(list(cfgs.values()))
     for m, cfg in cfgs.items():
@@ -78,10 +104,10 @@ def test_flower_sim_matches_inprocess(tiny_overrides, tmp_path):
             cfg.replace(runtime="inprocess", output_dir=f"{tmp_path}/inprocess"), log=silent
         )
         sim_dir, local_dir = tmp_path / "sim" / m, tmp_path / "inprocess" / m
-        sim_state, local_state = adapter(sim_dir), adapter(local_dir)
-        assert sim_state.keys() == local_state.keys()
-        for key in local_state:
-            torch.testing.assert_close(sim_state[key], local_state[key], atol=1e-6, rtol=0)
+        assert_tensors_close(adapter(sim_dir), adapter(local_dir))
+        sim_delta, local_delta = base_delta(sim_dir), base_delta(local_dir)
+        assert bool(local_delta) == (m in FOLDS_INTO_BASE), m
+        assert_tensors_close(sim_delta, local_delta)
         sim_rows, local_rows = read_metrics(sim_dir), read_metrics(local_dir)
         assert [r["round"] for r in sim_rows] == [0, 1, 2]
         for s, loc in zip(sim_rows, local_rows, strict=True):

@@ -34,7 +34,7 @@ from fedlora.client import evaluate
 from fedlora.config import Config
 from fedlora.errors import FedLoraError
 from fedlora.federation import Federation, Log
-from fedlora.messages import AdapterState, ClientUpdate, RoundPlan, tensor_bytes
+from fedlora.messages import AdapterState, ClientUpdate, RoundPlan
 from fedlora.methods import Method
 from fedlora.outputs import RunDir
 from fedlora.runtime.flower import codec
@@ -54,6 +54,7 @@ class FedLoRAStrategy(Strategy):
         self.scaling = fed.adapter.scaling()
         self.state: AdapterState = fed.initial_state.clone()
         self.base_total: dict[str, torch.Tensor] = {}  # folded into the frozen weights so far
+        self.pending_delta_bytes = 0  # last round's increment, in the form the method sends it
         self.rng = random.Random(self.cfg.seed)
         self.nodes: dict[int, int] = {}  # client id -> SuperNode id
         self.train_sizes: dict[int, int] = {}
@@ -114,7 +115,10 @@ class FedLoRAStrategy(Strategy):
             list(range(self.cfg.num_clients)), self.cfg.client_fraction, self.rng
         )
         client_start = getattr(self.method, "client_start", None)
-        delta_bytes = tensor_bytes(self.base_total.values())
+        # Counted as in-process (the method's communication cost), not as this runtime's
+        # wire: a message carries the client's start (FLoRA: a fresh adapter made from a
+        # seed) and the whole folded total (a fresh ClientApp process remembers nothing).
+        per_client = self.state.nbytes() + self.pending_delta_bytes
         messages, self.download = [], 0
         for cid in self.sampled:
             if cid not in self.nodes:
@@ -124,7 +128,7 @@ class FedLoRAStrategy(Strategy):
                 client_start(self.state, client_id=cid, plan=plan) if client_start else self.state
             )
             content = codec.instruction_to_content(self._instruction(start, plan))
-            self.download += start.nbytes() + delta_bytes
+            self.download += per_client
             messages.append(
                 Message(
                     content=content,
@@ -183,6 +187,7 @@ class FedLoRAStrategy(Strategy):
             self.fed.adapter.add_to_base(layer, delta)
             total = self.base_total.get(layer)
             self.base_total[layer] = delta.clone() if total is None else total + delta
+        self.pending_delta_bytes = result.delta_bytes
         self.state = result.state
         self.fed.adapter.set_state(self.state)
         t_agg = time.perf_counter() - t0
