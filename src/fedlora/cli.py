@@ -70,7 +70,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", choices=["linear", "upload"])
     p.add_argument("--out", default="runs/linear", help="directory for the plot and table")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--layers",
+        type=_blocks,
+        default=None,
+        metavar="FIRST-LAST",
+        help="upload: the transformer blocks with LoRA (e.g. 18-23, RoLoRA's P2 for SST-2); "
+        "default all 24",
+    )
     return parser
+
+
+def _blocks(text: str) -> list[int]:
+    """``18-23`` or ``18,19,20`` -> block indices."""
+    try:
+        if "-" in text:
+            first, last = (int(x) for x in text.split("-", 1))
+            blocks = list(range(first, last + 1))
+        else:
+            blocks = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a block range: {text!r} (use e.g. 18-23)") from None
+    if not blocks or min(blocks) < 0:
+        raise argparse.ArgumentTypeError(f"not a block range: {text!r} (use e.g. 18-23)")
+    return blocks
 
 
 def _other(args: argparse.Namespace) -> bool:
@@ -86,7 +109,7 @@ def _other(args: argparse.Namespace) -> bool:
         if args.name == "upload":  # RoLoRA Table 6, from RoBERTa-Large's config
             from fedlora.reproduce.upload import roberta_large_config, upload_table
 
-            print(upload_table(roberta_large_config()), flush=True)
+            print(upload_table(roberta_large_config(), layers=args.layers), flush=True)
         else:
             from fedlora.reproduce.linear import run_linear
 

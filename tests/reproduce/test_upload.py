@@ -40,3 +40,23 @@ def test_half_the_layers_is_the_same_message_size(config):
     half = upload_per_round(config, method="fedavg", rank=4, layers=list(range(12, 24)))
     assert half.layers == BLOCKS
     assert half.parameters == upload_per_round(config, method="ffa", rank=4).parameters
+
+
+def test_cli_counts_a_block_range(capsys):
+    """RoLoRA's layer set P2 for SST-2 (blocks 18-23): 12 LoRA layers, rank 1."""
+    from fedlora.cli import main
+
+    assert main(["experiment", "upload", "--layers", "18-23"]) == 0
+    table = capsys.readouterr().out
+    assert f"| fedavg | 1 | 12 | {12 * 2 * HIDDEN:,} |" in table
+    assert f"| rolora | 1 | 12 | {12 * HIDDEN:,} |" in table
+
+
+def test_cli_refuses_blocks_the_model_lacks(capsys):
+    from fedlora.cli import main
+
+    assert main(["experiment", "upload", "--layers", "20-30"]) != 0
+    err = capsys.readouterr().err
+    assert "no block [24, 25, 26, 27, 28, 29, 30]" in err
+    with pytest.raises(SystemExit):
+        main(["experiment", "upload", "--layers", "18-x"])

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from fedlora.errors import FedLoraError
+
 FACTORS = {
     "fedavg": ("AB",),
     "fra": ("AB",),
@@ -70,6 +72,13 @@ def lora_shapes(
         if block is None or (layers is not None and int(block.group(1)) not in layers):
             continue
         shapes[name] = (module.out_features, module.in_features)
+    if layers is not None:
+        blocks = config.num_hidden_layers
+        missing = sorted(b for b in set(layers) if not 0 <= b < blocks)
+        if missing:
+            raise FedLoraError(
+                f"the model has transformer blocks 0-{blocks - 1}; no block {missing}"
+            )
     return shapes
 
 
