@@ -1,21 +1,23 @@
 """The Flower strategy and ClientApp handlers called directly (no Flower runtime): a
-SuperNode that never answers is logged and left out; too few answers stop the round."""
+SuperNode that never answers, or that the SuperLink reports offline, is logged and left
+out; too few answers stop the round."""
 
 from __future__ import annotations
 
+from uuid import uuid4
+
 import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 
-pytest.importorskip("flwr")
-
-from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict  # noqa: E402
-
-from fedlora.config import load_config  # noqa: E402
-from fedlora.errors import FedLoraError  # noqa: E402
-from fedlora.federation import build_federation, silent  # noqa: E402
-from fedlora.methods import build_method  # noqa: E402
-from fedlora.outputs import RunDir  # noqa: E402
-from fedlora.runtime.flower import app  # noqa: E402
-from fedlora.runtime.flower.strategy import FedLoRAStrategy  # noqa: E402
+from fedlora.config import load_config
+from fedlora.errors import FedLoraError
+from fedlora.federation import build_federation, silent
+from fedlora.methods import build_method
+from fedlora.outputs import RunDir
+from fedlora.runtime.flower import app
+from fedlora.runtime.flower.strategy import FedLoRAStrategy
 
 NODES = {0: 1000, 1: 1001, 2: 1002}  # client id -> SuperNode id
 
@@ -71,6 +73,23 @@ def test_a_supernode_that_never_answers_is_logged_and_left_out(tiny_overrides, t
     # Only the two replies were aggregated, and the download counts all three messages.
     assert strategy.row["upload_bytes"] == 2 * strategy.state.nbytes()
     assert strategy.row["download_bytes"] == 3 * strategy.state.nbytes()
+
+
+def test_an_offline_supernode_is_logged_as_its_own_client(tiny_overrides, tmp_path):
+    """The SuperLink answers for a SuperNode it declared offline, with an error reply from
+    itself (src_node_id = the SuperLink): the failure belongs to the offline node's client."""
+    strategy = strategy_for(tiny_overrides, tmp_path, "min_clients=2")
+    messages = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), None))  # type: ignore[arg-type]
+    for msg in messages:  # what the grid does when it pushes them
+        msg.metadata.__dict__["_message_id"] = str(uuid4())
+    (to_2,) = [m for m in messages if m.metadata.dst_node_id == NODES[2]]
+    offline = create_message_error_unavailable_res_message(to_2.metadata, "node_unavail")
+    assert offline.metadata.src_node_id == SUPERLINK_NODE_ID
+    strategy.aggregate_train(1, [*answer(messages, silent_clients={2}), offline])
+    assert strategy.row["clients"] == [0, 1]
+    (failure,) = strategy.failures
+    assert failure["client"] == 2 and failure["stage"] == "train"
+    assert "Node Unavailable" in failure["error"]
 
 
 def test_fewer_replies_than_min_clients_stop_the_round(tiny_overrides, tmp_path):

@@ -57,6 +57,7 @@ class FedLoRAStrategy(Strategy):
         self.pending_delta_bytes = 0  # last round's increment, in the form the method sends it
         self.rng = random.Random(self.cfg.seed)
         self.nodes: dict[int, int] = {}  # client id -> SuperNode id
+        self.outbox: list[Message] = []  # this stage's messages (the grid sets their ids)
         self.train_sizes: dict[int, int] = {}
         self.rows: list[dict[str, Any]] = []
         self.row: dict[str, Any] = start_row(method.name)
@@ -88,6 +89,14 @@ class FedLoRAStrategy(Strategy):
 
     def _client_of(self, node_id: int) -> int | None:
         return next((c for c, n in self.nodes.items() if n == node_id), None)
+
+    def _node_of(self, reply: Message) -> int:
+        """The SuperNode a reply is about. The error reply the SuperLink makes for an
+        offline SuperNode (``NODE_UNAVAILABLE``) comes from the SuperLink itself: find the
+        message it answers."""
+        wanted = reply.metadata.reply_to_message_id
+        sent = next((m for m in self.outbox if wanted and m.metadata.message_id == wanted), None)
+        return reply.metadata.src_node_id if sent is None else sent.metadata.dst_node_id
 
     def _instruction(self, state: AdapterState, plan: RoundPlan | None) -> codec.Instruction:
         return codec.Instruction(
@@ -138,6 +147,7 @@ class FedLoRAStrategy(Strategy):
                 )
             )
         self.clock = time.perf_counter()
+        self.outbox = messages
         return messages
 
     def aggregate_train(
@@ -148,7 +158,7 @@ class FedLoRAStrategy(Strategy):
         answered: set[int | None] = set()
         updates: list[ClientUpdate] = []
         for reply in replies:
-            cid = self._client_of(reply.metadata.src_node_id)
+            cid = self._client_of(self._node_of(reply))
             answered.add(cid)
             if reply.has_error():
                 self._fail(cid, "train", str(reply.error.reason))
@@ -213,7 +223,7 @@ class FedLoRAStrategy(Strategy):
             return []
         content = codec.instruction_to_content(self._instruction(self.state, None))
         # Every connected SuperNode, known or not: a SuperNode that (re)connected is found here.
-        return [
+        self.outbox = [
             Message(
                 content=content,
                 dst_node_id=node,
@@ -222,6 +232,7 @@ class FedLoRAStrategy(Strategy):
             )
             for node in grid.get_node_ids()
         ]
+        return self.outbox
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -231,7 +242,7 @@ class FedLoRAStrategy(Strategy):
         accuracy: dict[int, float] = {}
         seen: dict[int, int] = {}  # client id -> SuperNode id, from this round's replies
         for reply in replies:
-            node = reply.metadata.src_node_id
+            node = self._node_of(reply)
             if reply.has_error():
                 self._fail(self._client_of(node), "evaluate", str(reply.error.reason))
                 continue
