@@ -69,7 +69,8 @@ class LocalFederation:
         self.address = f"127.0.0.1:{self.port}"
         self.certs = certs
         self.num_nodes = num_nodes
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.procs: list[subprocess.Popen[bytes]] = []  # the SuperLink, then the SuperNodes
+        self.node_ports: list[int] = []  # each SuperNode's port for its ClientApp processes
         self.seen: set[int] = set()  # every pid started here or below
 
     def _start(self, name: str, args: list[str]) -> None:
@@ -111,6 +112,7 @@ class LocalFederation:
         )
         self.wait_for_port(self.port, timeout)
         for i in range(self.num_nodes):
+            self.node_ports.append(free_port())
             self._start(
                 f"supernode{i}",
                 [
@@ -121,7 +123,7 @@ class LocalFederation:
                     "--host",
                     "127.0.0.1",
                     "--port",
-                    str(free_port()),
+                    str(self.node_ports[i]),
                     "--node-config",
                     f"partition-id={i} num-partitions={self.num_nodes}",
                 ],
@@ -142,6 +144,43 @@ class LocalFederation:
         """Remember every descendant now alive (ServerApp/ClientApp processes come and go)."""
         for proc in self.procs:
             self.seen.update(_tree(proc.pid))
+
+    def kill_node(self, i: int) -> list[int]:
+        """SIGKILL SuperNode ``i`` and every descendant, as if its machine vanished.
+
+        The tree is frozen first (SIGSTOP, until no new descendant appears) so that no
+        ClientApp started in the meantime escapes. Returns the pids killed.
+        """
+        node = self.procs[1 + i]
+        frozen: list[int] = []
+        while new := [p for p in [node.pid, *_tree(node.pid)] if p not in frozen]:
+            for pid in new:
+                try:
+                    os.kill(pid, signal.SIGSTOP)
+                except ProcessLookupError:
+                    pass
+            frozen += new
+        for pid in frozen:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        node.wait(timeout=10)
+        self.seen.update(frozen)
+        if alive := _wait_gone(frozen, timeout=10):
+            raise RuntimeError(f"SuperNode {i}: processes {alive} survived SIGKILL")
+        return frozen
+
+    def processes_of_node(self, i: int) -> list[int]:
+        """Every process on this machine that talks to SuperNode ``i``'s ClientApp port
+        (its SuperExec and ClientApps), wherever it hangs in the process tree."""
+        address = f"127.0.0.1:{self.node_ports[i]}"
+        found = []
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            cmdline = proc.info["cmdline"] or []
+            if any(address in arg for arg in cmdline) and _alive(proc.info["pid"]):
+                found.append(proc.info["pid"])
+        return found
 
     def stop(self) -> list[int]:
         """SIGTERM each started process (SuperNodes first), SIGKILL what is left; by pid.

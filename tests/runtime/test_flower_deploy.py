@@ -1,13 +1,18 @@
-"""A real deployment on loopback: a SuperLink and two SuperNodes started by the test, two
-rounds of RoLoRA on a tiny BERT launched with ``fedlora run runtime=flower``, without and
-with TLS. Every process is stopped by its id, and each step is bounded in time."""
+"""A real deployment on loopback: a SuperLink and SuperNodes started by the test, two
+rounds of RoLoRA on a tiny BERT launched with ``fedlora run runtime=flower``: two
+SuperNodes without TLS; three with TLS, one of which is killed during round 2. Every
+process is stopped by its id, and each step is bounded in time."""
 
 from __future__ import annotations
 
+import json
 import socket
 import ssl
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -40,9 +45,18 @@ def overrides(tiny_overrides: list[str], out: Path) -> list[str]:
 
 
 def deploy_and_run(
-    tmp_path: Path, args: list[str], certs: Path | None
+    tmp_path: Path,
+    args: list[str],
+    certs: Path | None,
+    *,
+    num_nodes: int = 2,
+    meanwhile: Callable[[LocalFederation, threading.Event], None] | None = None,
 ) -> tuple[LocalFederation, str]:
-    fed = LocalFederation(tmp_path, num_nodes=2, certs=certs)
+    """Start the federation, run ``fedlora run`` on it (``meanwhile(fed, finished)`` runs
+    in a thread beside it), stop every process."""
+    fed = LocalFederation(tmp_path, num_nodes=num_nodes, certs=certs)
+    finished = threading.Event()
+    side = None if meanwhile is None else threading.Thread(target=meanwhile, args=(fed, finished))
     try:
         fed.start()
         if certs is not None:  # the SuperLink speaks TLS with the certificate made for it
@@ -51,6 +65,8 @@ def deploy_and_run(
                 with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
                     assert tls.version() is not None
         tls = [f"root_certificates={certs / 'ca.crt'}"] if certs else ["insecure=true"]
+        if side is not None:
+            side.start()
         done = run_bounded(
             [
                 str(Path(sys.executable).parent / "fedlora"),
@@ -66,6 +82,9 @@ def deploy_and_run(
         )
         fed.snapshot()
     finally:
+        finished.set()
+        if side is not None and side.is_alive():
+            side.join(timeout=30)
         left = fed.stop()
     assert not left, f"processes still alive after stop: {left}"
     assert done.returncode == 0, done.stdout[-4000:]
@@ -99,7 +118,48 @@ def test_deployment_without_tls_matches_inprocess(tiny_overrides, tmp_path):
         torch.testing.assert_close(deployed[key], local[key], atol=1e-6, rtol=0)
 
 
-def test_deployment_with_tls(tiny_overrides, tmp_path):
+def written_rows(run_dir: Path) -> list[dict]:
+    """The complete lines of a metrics.jsonl that is still being written."""
+    path = run_dir / "metrics.jsonl"
+    text = path.read_text() if path.is_file() else ""
+    return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
+
+
+class KillAfterRound:
+    """Once round ``after``'s row is in ``metrics.jsonl``, SIGKILL SuperNode ``node`` and its
+    processes; then note when the next round's row is written. Gives up when the run ends."""
+
+    def __init__(self, run_dir: Path, *, node: int, after: int) -> None:
+        self.run_dir, self.node, self.after = run_dir, node, after
+        self.killed: list[int] = []
+        self.left: list[int] | None = None  # processes of the node still alive after the kill
+        self.seconds_to_next_row: float | None = None
+        self.error: BaseException | None = None
+
+    def __call__(self, fed: LocalFederation, finished: threading.Event) -> None:
+        try:
+            while not any(r["round"] == self.after for r in written_rows(self.run_dir)):
+                if finished.wait(0.2):
+                    raise RuntimeError(f"the run ended before round {self.after} was written")
+            self.killed = fed.kill_node(self.node)
+            killed_at = time.monotonic()
+            time.sleep(1.0)  # a ClientApp orphaned by the kill would still be alive now
+            self.left = fed.processes_of_node(self.node)
+            while not any(r["round"] == self.after + 1 for r in written_rows(self.run_dir)):
+                if finished.wait(0.5):
+                    return
+            self.seconds_to_next_row = time.monotonic() - killed_at
+        except BaseException as exc:  # reported by the test, not lost in the thread
+            self.error = exc
+
+
+def test_deployment_with_tls_survives_a_vanishing_supernode(tiny_overrides, tmp_path):
+    """Three SuperNodes over TLS, min_clients=2. Once round 1 is written, SuperNode 2 and
+    every process under it are SIGKILLed (its ClientApp is then usually starting or training
+    round 2). Nothing of it survives; the SuperLink declares it offline after two missed
+    heartbeats (~60 s at Flower's 30 s interval) and answers for it with a NODE_UNAVAILABLE
+    error, well before round_timeout=150: round 2 is trained by clients 0 and 1 only and
+    logs client 2's failure, and the run completes."""
     certs = tmp_path / "certs"
     subprocess.run(
         ["bash", str(REPO / "scripts" / "make_certs.sh"), str(certs)],
@@ -107,6 +167,32 @@ def test_deployment_with_tls(tiny_overrides, tmp_path):
         timeout=60,
         capture_output=True,
     )
-    args = overrides(tiny_overrides, tmp_path / "runs")
-    deploy_and_run(tmp_path, [*args, "run_name=tls"], certs=certs)
-    check_run(tmp_path / "runs" / "tls")
+    args = [
+        *overrides(tiny_overrides, tmp_path / "runs"),
+        "num_clients=3",
+        "min_clients=2",
+        "round_timeout=150",
+        "run_name=tls",
+    ]
+    run_dir = tmp_path / "runs" / "tls"
+    kill = KillAfterRound(run_dir, node=2, after=1)
+    fed, _ = deploy_and_run(tmp_path, args, certs=certs, num_nodes=3, meanwhile=kill)
+    assert kill.error is None, repr(kill.error)
+    assert kill.killed and kill.left == [], (kill.killed, kill.left)
+    assert fed.processes_of_node(2) == []
+    assert kill.seconds_to_next_row is not None and kill.seconds_to_next_row < 150
+
+    rows = read_metrics(run_dir)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert [r["trained"] for r in rows[1:]] == ["B", "A"]
+    assert [r["clients"] for r in rows[1:]] == [[0, 1, 2], [0, 1]]
+    assert set(rows[0]["client_accuracy"]) == {"0", "1", "2"}
+    assert set(rows[2]["client_accuracy"]) == {"0", "1"}  # only online SuperNodes evaluate
+    assert rows[1]["accuracy"] is None and rows[2]["accuracy"] is not None
+    assert "failures" not in rows[0] and "failures" not in rows[1]
+    (failure,) = rows[2]["failures"]
+    assert failure["client"] == 2 and failure["stage"] == "train"
+    assert "Node Unavailable" in failure["error"]
+    assert (run_dir / "summary.json").is_file()
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    print(f"killed {kill.killed}; round 2 written {kill.seconds_to_next_row:.0f}s after the kill")
