@@ -102,8 +102,11 @@ def _call(
 
 
 def _fail(what: str, proc: subprocess.CompletedProcess[str]) -> FedLoraError:
-    text = " ".join(((proc.stderr or "") + " " + (proc.stdout or "")).split())
-    return FedLoraError(f"{what} failed (exit {proc.returncode}): {text[-400:]}")
+    try:  # flwr --format json reports its own errors as {"success": false, "error-message": ...}
+        text = str(json.loads(proc.stdout)["error-message"])
+    except (ValueError, KeyError, TypeError):
+        text = (proc.stderr or "") + " " + (proc.stdout or "")
+    return FedLoraError(f"{what} failed: {' '.join(text.split())[-400:]}")
 
 
 def launch(cfg: Config, *, log: Log = stderr_log) -> dict[str, Any]:
