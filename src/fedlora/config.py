@@ -13,7 +13,7 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal, cast, get_args, get_origin
 
 import yaml
 
@@ -341,7 +341,7 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
             raise FedLoraError(f"config key '{key}' must be a mapping, got {value!r}")
-        return _build(annotation, value, prefix=f"{key}.")
+        return _build(cast(type, annotation), value, prefix=f"{key}.")
     if annotation is bool:
         if not isinstance(value, bool):
             raise FedLoraError(f"config key '{key}' must be true or false, got {value!r}")

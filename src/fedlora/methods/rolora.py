@@ -29,8 +29,11 @@ class RoLoRA:
 
     def plan(self, round: int) -> RoundPlan:
         return RoundPlan(
-            round=round, trained=self.phase, train_head=self.train_head, method=self.name
-        )  # type: ignore[arg-type]
+            round=round,
+            trained=self.phase,  # type: ignore[arg-type]
+            train_head=self.train_head,
+            method=self.name,
+        )
 
     def aggregate(
         self,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from peft.tuners.lora import LoraLayer
@@ -65,10 +65,10 @@ class PeftAdapter:
     # -- the adapter as messages ---------------------------------------------------------
 
     def _A(self, layer: str) -> torch.nn.Parameter:
-        return self.lora_layers[layer].lora_A[self.adapter_name].weight
+        return cast(torch.nn.Parameter, self.lora_layers[layer].lora_A[self.adapter_name].weight)
 
     def _B(self, layer: str) -> torch.nn.Parameter:
-        return self.lora_layers[layer].lora_B[self.adapter_name].weight
+        return cast(torch.nn.Parameter, self.lora_layers[layer].lora_B[self.adapter_name].weight)
 
     def scaling(self) -> dict[str, float]:
         return {k: float(m.scaling[self.adapter_name]) for k, m in self.lora_layers.items()}
@@ -111,7 +111,7 @@ class PeftAdapter:
     # -- the frozen weight -----------------------------------------------------------------
 
     def base_weight(self, layer: str) -> torch.Tensor:
-        return self.lora_layers[layer].get_base_layer().weight
+        return cast(torch.Tensor, self.lora_layers[layer].get_base_layer().weight)
 
     @torch.no_grad()
     def add_to_base(self, layer: str, delta: torch.Tensor) -> None:
@@ -164,4 +164,5 @@ def _fold(base: torch.nn.Module, delta: torch.Tensor) -> None:
     # transformers' Conv1D (GPT-2) stores its weight transposed, (in, out).
     if type(base).__name__ == "Conv1D":
         delta = delta.T
-    base.weight.add_(delta.to(dtype=base.weight.dtype, device=base.weight.device))
+    weight = cast(torch.Tensor, base.weight)
+    weight.add_(delta.to(dtype=weight.dtype, device=weight.device))

@@ -116,7 +116,7 @@ def attach_lora(
     config = LoraConfig(
         task_type=TaskType(task_type),
         r=lora.rank,
-        lora_alpha=lora.alpha,
+        lora_alpha=lora.alpha,  # type: ignore[arg-type]  # PEFT annotates int, uses float
         lora_dropout=lora.dropout,
         target_modules=targets,
         layers_to_transform=lora.layers,
