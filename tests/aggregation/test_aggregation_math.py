@@ -406,20 +406,47 @@ def _layer():
 @pytest.mark.parametrize(
     ("make", "match"),
     [
-        (lambda: ([], [], None), "no clients"),
-        (lambda: (_layer()[0], _layer()[1][:1], None), "2 A factors but 1 B"),
-        (lambda: ([torch.zeros(2, 4), torch.zeros(2, 3)], _layer()[1], None), "in_features"),
-        (lambda: (_layer()[0], [torch.zeros(5, 2), torch.zeros(6, 2)], None), "out_features"),
-        (lambda: ([torch.zeros(2, 4), torch.zeros(3, 4)], _layer()[1], None), "rank of A"),
-        (lambda: ([torch.zeros(4)], [torch.zeros(5, 1)], None), "2-D"),
-        (lambda: ([torch.zeros(0, 4)], [torch.zeros(5, 0)], None), "rank must be >= 1"),
-        (lambda: ([torch.zeros(2, 4)], [torch.zeros(5, 2, dtype=F64)], None), "dtype"),
-        (lambda: ([torch.full((2, 4), float("nan"))], [torch.zeros(5, 2)], None), "NaN"),
-        (lambda: ([torch.zeros(2, 4)], [torch.full((5, 2), float("inf"))], None), "infinite"),
-        (lambda: (*_layer(), [1.0]), "1 weights for 2 clients"),
-        (lambda: (*_layer(), [1.0, -1.0]), "non-negative"),
-        (lambda: (*_layer(), [0.0, 0.0]), "all zero"),
-        (lambda: (*_layer(), [1.0, float("nan")]), "finite"),
+        (lambda: ([], [], None), r"no clients to aggregate: As and Bs are empty"),
+        (lambda: (_layer()[0], _layer()[1][:1], None), "got 2 A factors but 1 B factors"),
+        (
+            lambda: ([torch.zeros(2, 4), torch.zeros(2, 3)], _layer()[1], None),
+            "client 1: in_features 3 differs from client 0's 4",
+        ),
+        (
+            lambda: (_layer()[0], [torch.zeros(5, 2), torch.zeros(6, 2)], None),
+            "client 1: out_features 6 differs from client 0's 5",
+        ),
+        (
+            lambda: ([torch.zeros(2, 4), torch.zeros(3, 4)], _layer()[1], None),
+            r"client 1: rank of A \(3, from shape \(3, 4\)\) differs from rank of B \(2,",
+        ),
+        (
+            lambda: ([torch.zeros(4)], [torch.zeros(5, 1)], None),
+            r"client 0: A and B must be 2-D, got shapes \(4,\), \(5, 1\)",
+        ),
+        (
+            lambda: ([torch.zeros(0, 4)], [torch.zeros(5, 0)], None),
+            r"client 0: LoRA rank must be >= 1, got A of shape \(0, 4\)",
+        ),
+        (
+            lambda: ([torch.zeros(2, 4)], [torch.zeros(5, 2, dtype=F64)], None),
+            "client 0: dtype torch.float32/torch.float64 differs from torch.float32",
+        ),
+        (
+            lambda: ([torch.full((2, 4), float("nan"))], [torch.zeros(5, 2)], None),
+            "client 0: factors contain NaN or infinite values",
+        ),
+        (
+            lambda: ([torch.zeros(2, 4)], [torch.full((5, 2), float("inf"))], None),
+            "client 0: factors contain NaN or infinite values",
+        ),
+        (lambda: (*_layer(), [1.0]), r"got 1 weights for 2 clients"),
+        (lambda: (*_layer(), [1.0, -1.0]), r"weights must be non-negative, got \[1.0, -1.0\]"),
+        (
+            lambda: (*_layer(), [0.0, 0.0]),
+            "weights are all zero: at least one client must have a positive weight",
+        ),
+        (lambda: (*_layer(), [1.0, float("nan")]), r"weights must be finite, got \[1.0, nan\]"),
     ],
 )
 @pytest.mark.parametrize("fn", [fedavg, fedex, stack, fedavg_error, fra, fra_truncation_error])
@@ -433,16 +460,26 @@ def test_bad_input_raises_value_error(fn, make, match):
 @pytest.mark.parametrize("fn", [fedavg, fedex, fedavg_error])
 def test_factor_averaging_rejects_unequal_ranks(fn):
     As, Bs = random_layer(5, 4, [2, 3])
-    with pytest.raises(ValueError, match="equal ranks"):
+    with pytest.raises(
+        ValueError,
+        match=r"averages factors and needs equal ranks across clients, got \(2, 3\); use stack",
+    ):
         fn(As, Bs)
     stack(As, Bs)  # stacking and FRA accept them
     fra(As, Bs, rank=2)
 
 
-@pytest.mark.parametrize("rank", [0, -1, 1.5])
-def test_fra_rejects_bad_rank(rank):
+@pytest.mark.parametrize(
+    ("rank", "match"),
+    [
+        (0, "rank must be >= 1, got 0"),
+        (-1, "rank must be >= 1, got -1"),
+        (1.5, "rank must be an integer >= 1, got 1.5"),
+    ],
+)
+def test_fra_rejects_bad_rank(rank, match):
     As, Bs = _layer()
-    with pytest.raises(ValueError, match="rank"):
+    with pytest.raises(ValueError, match=f"^{match}$"):
         fra(As, Bs, rank=rank)
-    with pytest.raises(ValueError, match="rank"):
+    with pytest.raises(ValueError, match=f"^{match}$"):
         fra_truncation_error(As, Bs, rank=rank)

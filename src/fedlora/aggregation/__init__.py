@@ -7,12 +7,18 @@ normalised weights ``w_k``, the clients' average update is ``M = sum_k w_k B_k A
 - :func:`fedex`: the same means plus the dense residual ``M - B A`` (FedEx-LoRA).
 - :func:`stack`: rank-``sum_k r_k`` factors with ``B A = M`` exactly (FLoRA).
 - :func:`fra`, :func:`fra_with_error`: best rank-``r`` approximation of ``M`` (FRA-LoRA).
-- :func:`fedavg_error`, :func:`fra_truncation_error`: diagnostics of both approximations.
+- :func:`weighted_mean`: the plain weighted mean of one tensor per client (a factor
+  trained against a shared frozen partner, the head).
+- :func:`relative_update_error`: ``||M - X||_F / ||M||_F`` of what the model holds after
+  aggregation, the error every method reports (``agg_error``).
+- :func:`fedavg_error` (FedAvg's case of it), :func:`fra_truncation_error` (the share of
+  ``||M||_F^2`` FRA-LoRA discards; ``fra_discarded_energy`` in the metrics).
 """
 
+from fedlora.aggregation.error import relative_update_error
 from fedlora.aggregation.factors import LayerFactors, check_factors, normalise_weights
 from fedlora.aggregation.fra import fra, fra_truncation_error, fra_with_error
-from fedlora.aggregation.lora_math import fedavg, fedavg_error, fedex, stack
+from fedlora.aggregation.lora_math import fedavg, fedavg_error, fedex, stack, weighted_mean
 
 __all__ = [
     "LayerFactors",
@@ -24,5 +30,7 @@ __all__ = [
     "fra_truncation_error",
     "fra_with_error",
     "normalise_weights",
+    "relative_update_error",
     "stack",
+    "weighted_mean",
 ]

@@ -8,6 +8,7 @@ when that is cheaper (see :mod:`fedlora.aggregation.lowrank`).
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Sequence
 
@@ -17,7 +18,7 @@ from torch import Tensor
 from fedlora.aggregation.factors import check_factors
 from fedlora.aggregation.lowrank import singular_values_of_product, svd_of_product
 
-__all__ = ["fra", "fra_truncation_error", "fra_with_error"]
+__all__ = ["fra", "fra_truncation_error", "fra_with_error", "init_row_norm"]
 
 
 def _check_rank(rank: int) -> int:
@@ -38,12 +39,20 @@ def _discarded_share(s: Tensor, rank: int) -> float:
     return float(energy[rank:].sum()) / total
 
 
+def init_row_norm() -> float:
+    """Expected row norm of PEFT's default ``lora_A`` init, ``U(-1/sqrt(in), 1/sqrt(in))``:
+    ``sqrt(in * (1 / in) / 3) = 1 / sqrt(3)``, whatever ``in`` is."""
+    return 1.0 / math.sqrt(3.0)
+
+
 def fra_with_error(
     As: Sequence[Tensor],
     Bs: Sequence[Tensor],
     weights: Sequence[float] | Tensor | None = None,
     *,
     rank: int,
+    a_row_norm: float | None = None,
+    generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor, float]:
     """FRA-LoRA factors and their truncation error from one SVD.
 
@@ -53,8 +62,15 @@ def fra_with_error(
         B A = argmin_{rank(X) <= r} ||M - X||_F                  (Eckart-Young),
         err = sum_{i > r} s_i^2 / sum_i s_i^2                    (0.0 when M = 0),
 
-    (Trautmann, Hales, Volk, FRA-LoRA, arXiv:2501.06332). Splitting ``sqrt(s)`` evenly
-    gives balanced factors, ``B^T B = A A^T = diag(s_r)``.
+    (Trautmann, Hales, Volk, FRA-LoRA, arXiv:2501.06332). How the singular values are split
+    between the factors does not change ``B A``, only how clients train from them:
+
+    - ``a_row_norm=None`` (default): evenly, ``B = U_r diag(sqrt(s_r))``,
+      ``A = diag(sqrt(s_r)) V_r^T``, balanced factors with ``B^T B = A A^T = diag(s_r)``;
+    - ``a_row_norm=c``: all into ``B``, ``A = c V_r^T`` (orthogonal rows of norm ``c``),
+      ``B = U_r diag(s_r) / c``. With ``c = init_row_norm()`` the rows of ``A`` have the
+      scale of PEFT's initial ``A``: what FFA-LoRA expects of the ``A`` it then freezes
+      (the balanced split would hand it rows of norm ``sqrt(s_i)``, whatever that is).
 
     Route: if ``R = sum_k r_k < min(out, in)`` the SVD comes from QR factorisations of the
     stacked factors and an ``R x R`` core, never forming the ``out x in`` matrix ``M``;
@@ -72,9 +88,15 @@ def fra_with_error(
         As: per client ``A_k`` of shape ``(r_k, in)``; ranks may differ.
         Bs: per client ``B_k`` of shape ``(out, r_k)``.
         weights: non-negative client weights, normalised here; None means uniform.
-        rank: rank of the result. If it exceeds the rank available in ``M``, the extra
-            singular values are zero: ``B`` gets zero columns and ``A`` zero rows, so the
-            shapes are always ``(out, rank)`` and ``(rank, in)``.
+        rank: rank of the result. If it exceeds the rank ``k`` of ``M``, the shapes stay
+            ``(out, rank)`` and ``(rank, in)``: ``B``'s last ``rank - k`` columns are zero
+            and, with a ``generator``, ``A``'s last rows are fresh random directions drawn
+            as PEFT draws ``lora_A`` (``U(-1/sqrt(in), 1/sqrt(in))``); the product is the
+            same, but the gradient of those ``B`` columns is not zero, so training can use
+            them. Without a generator those rows are zero too: ``(B_j, A_j) = (0, 0)`` is a
+            stationary point that no gradient leaves.
+        a_row_norm: see the split above.
+        generator: the random stream for padded rows of ``A``.
 
     Returns:
         ``(A, B, err)`` with ``A`` of shape ``(rank, in)``, ``B`` of shape ``(out, rank)``.
@@ -85,12 +107,22 @@ def fra_with_error(
     rank = _check_rank(rank)
     f = check_factors(As, Bs, weights)
     u, s, vh = svd_of_product(f.b_cat, f.w, f.a_cat, top=rank)
-    kept = u.shape[1]
-    root = s[:kept].sqrt()
+    kept = int((s[: u.shape[1]] > 0).sum())  # singular values zeroed as noise are padding
     b = torch.zeros(f.out_features, rank, dtype=s.dtype, device=f.device)
     a = torch.zeros(rank, f.in_features, dtype=s.dtype, device=f.device)
-    b[:, :kept] = u[:, :kept] * root
-    a[:kept] = root[:, None] * vh[:kept]
+    if a_row_norm is None:
+        root = s[:kept].sqrt()
+        b[:, :kept] = u[:, :kept] * root
+        a[:kept] = root[:, None] * vh[:kept]
+    else:
+        if not a_row_norm > 0:
+            raise ValueError(f"a_row_norm must be > 0, got {a_row_norm}")
+        b[:, :kept] = u[:, :kept] * (s[:kept] / a_row_norm)
+        a[:kept] = a_row_norm * vh[:kept]
+    if generator is not None and kept < rank:
+        bound = 1.0 / math.sqrt(f.in_features)
+        fresh = torch.rand(rank - kept, f.in_features, generator=generator, dtype=torch.float64)
+        a[kept:] = ((fresh * 2 - 1) * bound).to(device=f.device, dtype=a.dtype)
     return a.to(f.dtype), b.to(f.dtype), _discarded_share(s, rank)
 
 

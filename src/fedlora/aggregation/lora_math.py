@@ -18,10 +18,38 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from fedlora.aggregation.factors import LayerFactors, check_factors
+from fedlora.aggregation.factors import LayerFactors, check_factors, normalise_weights, work_dtype
 from fedlora.aggregation.lowrank import frobenius_norm_of_product
 
-__all__ = ["fedavg", "fedavg_error", "fedex", "stack"]
+__all__ = ["fedavg", "fedavg_error", "fedex", "stack", "weighted_mean"]
+
+
+def weighted_mean(tensors: Sequence[Tensor], weights: Sequence[float] | Tensor | None) -> Tensor:
+    """``sum_k w_k t_k`` with ``w_k = weights[k] / sum_j weights[j]`` (uniform when None).
+
+    The plain FedAvg of tensors of one shape: a factor that every client trained from the
+    same frozen partner (FFA-LoRA's and RoLoRA's ``B``, RoLoRA's ``A``) and the head.
+    Accumulates in the working precision, returns the input dtype.
+
+    Raises:
+        ValueError: no tensors, shapes that differ, non-finite values, or bad weights
+            (wrong length, negative, non-finite, all zero; see ``normalise_weights``).
+    """
+    if len(tensors) == 0:
+        raise ValueError("no clients to aggregate: the list of tensors is empty")
+    w = normalise_weights(weights, len(tensors))
+    first = tensors[0]
+    work = work_dtype(first.device)
+    out = torch.zeros(first.shape, dtype=work, device=first.device)
+    for k, (w_k, t) in enumerate(zip(w, tensors, strict=True)):
+        if t.shape != first.shape:
+            raise ValueError(
+                f"client {k}: shape {tuple(t.shape)} differs from {tuple(first.shape)}"
+            )
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"client {k}: tensor contains NaN or infinite values")
+        out.add_(t.to(work), alpha=w_k)
+    return out.to(first.dtype)
 
 
 def _weighted_means(f: LayerFactors, *, method: str) -> tuple[Tensor, Tensor]:

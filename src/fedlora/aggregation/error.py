@@ -1,0 +1,84 @@
+"""The aggregation error every method reports: what the global adapter holds against the
+exact mean of the clients' updates.
+
+For one layer, client ``k`` proposes the increment ``s_k B_k A_k`` (``s_k`` the LoRA
+``scaling`` its adapter actually had). The exact mean update is
+
+    M = sum_k w_k s_k B_k A_k,
+
+and after aggregation the model holds ``X = s B A + D`` (``s B A`` the global adapter, ``D``
+whatever the method folded into the frozen weight this round: FedEx-LoRA's residual,
+FLoRA's merged stack). The error is
+
+    agg_error = ||M - X||_F / ||M||_F,
+
+one unit for every method: 0 for the exact ones (up to rounding), the relative cross-term
+error for FedAvg-LoRA, ``sqrt`` of the discarded energy share for FRA-LoRA.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from fedlora.aggregation.factors import check_factors
+from fedlora.aggregation.lowrank import frobenius_norm_of_product
+
+__all__ = ["relative_update_error"]
+
+
+def relative_update_error(
+    As: Sequence[Tensor],
+    Bs: Sequence[Tensor],
+    weights: Sequence[float] | Tensor | None = None,
+    *,
+    scalings: Sequence[float],
+    A: Tensor,
+    B: Tensor,
+    scaling: float,
+    folded: Tensor | None = None,
+) -> float:
+    """``||M - X||_F / ||M||_F`` with ``M = sum_k w_k s_k B_k A_k`` and ``X = s B A + folded``.
+
+    Without ``folded``, ``M - X = [Bcat, B] diag(w s, -s) [Acat; A]`` is a product of thin
+    factors, so both norms come from QR factorisations of the stacked factors and an
+    ``(R + r) x (R + r)`` core: no ``out x in`` matrix is formed (for ``R + r`` below
+    ``min(out, in)``). With a dense ``folded`` increment of shape ``(out, in)`` (the method
+    already formed it) the difference is formed densely. Arithmetic is float64.
+
+    Returns:
+        The relative error; ``0.0`` when ``M = 0`` and ``X = 0``; ``math.inf`` when ``M = 0``
+        but ``X`` is not: the aggregate then holds an update that no client proposed, which
+        no relative error can express (the metrics file writes it as ``null``).
+
+    Raises:
+        ValueError: invalid factors or weights (see ``check_factors``), or a ``scalings``
+            list whose length is not the number of clients.
+    """
+    f = check_factors(As, Bs, weights)
+    if len(scalings) != len(f.ranks):
+        raise ValueError(f"got {len(scalings)} scalings for {len(f.ranks)} clients")
+    work = f.w.dtype
+    per_column = torch.repeat_interleave(
+        torch.tensor([float(s) for s in scalings], dtype=work, device=f.device),
+        torch.tensor(f.ranks, device=f.device),
+    )
+    c_mean = f.w * per_column
+    norm = float(frobenius_norm_of_product(f.b_cat, c_mean, f.a_cat))
+    a, b = A.to(work), B.to(work)
+    if folded is None:
+        p = torch.cat([f.b_cat, b], dim=1)
+        c = torch.cat(
+            [c_mean, torch.full((b.shape[1],), -float(scaling), dtype=work, device=f.device)]
+        )
+        q = torch.cat([f.a_cat, a], dim=0)
+        error = float(frobenius_norm_of_product(p, c, q))
+    else:
+        diff = (f.b_cat * c_mean) @ f.a_cat - float(scaling) * (b @ a) - folded.to(work)
+        error = float(torch.linalg.matrix_norm(diff))
+    if norm == 0.0:
+        return 0.0 if error == 0.0 else math.inf
+    return error / norm
