@@ -9,6 +9,7 @@ documents each key.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import types
 import typing
@@ -21,7 +22,8 @@ from fedlora.errors import FedLoraError
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 PARTITIONS = ("iid", "dirichlet", "imbalanced", "natural")
-WEIGHTINGS = ("uniform", "num_examples")
+WEIGHTINGS = ("method", "uniform", "num_examples")
+CLIENT_ALPHAS = ("fixed", "proportional")
 HEAD_POLICIES = ("train", "frozen")
 RUNTIMES = ("inprocess", "flower-sim", "flower")
 TASKS = ("classification", "causal-lm")
@@ -52,6 +54,7 @@ class DPConfig:
     delta: float = 1e-5
     max_grad_norm: float = 1.0
     accountant: str = "rdp"
+    secure_mode: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -115,8 +118,10 @@ class Config:
     text_pair_column: str | None = None
     label_column: str = "label"
     group_column: str | None = None
+    encoding: str = "utf-8"
     test_fraction: float = 0.2
     eval_fraction: float = 0.1
+    max_client_eval_examples: int | None = 200
     max_train_examples: int | None = None
     max_test_examples: int | None = None
     max_length: int = 128
@@ -126,7 +131,7 @@ class Config:
     partition_alpha: float = 0.5
     dominant_fraction: float = 0.8
     client_fraction: float = 1.0
-    weighting: str = "num_examples"
+    weighting: str = "method"
     method: str = "rolora"
     methods: list[str] = dataclasses.field(
         default_factory=lambda: ["fedavg", "ffa", "rolora", "fra", "centralized"]
@@ -134,11 +139,12 @@ class Config:
     rounds: int = 10
     runtime: str = "inprocess"
     client_ranks: list[int] | None = None
+    client_alpha: str = "fixed"
     schedule: list[Phase] | None = None
     # Client training
     local_steps: int = 10
     batch_size: int = 16
-    lr: float = 5e-4
+    lr: float | None = None  # None: the method's default (fedlora.methods.with_method_defaults)
     optimizer: str = "adamw"
     weight_decay: float = 0.0
     # Differential privacy (nested: dp.noise_multiplier=1.0, dp.target_epsilon=3, ...)
@@ -195,11 +201,17 @@ def _check_values(cfg: Config) -> None:
         raise FedLoraError(f"config key 'rank' must be >= 1, got {cfg.rank}")
     _positive(cfg, "alpha", "num_clients", "rounds", "local_steps", "batch_size", "lr")
     _positive(cfg, "eval_every", "eval_batch_size", "threads", "max_length", "partition_alpha")
-    _positive(cfg, "max_train_examples", "max_test_examples")
-    for name in ("test_fraction", "eval_fraction", "lora_dropout", "dominant_fraction"):
+    _positive(cfg, "max_train_examples", "max_test_examples", "max_client_eval_examples")
+    for name in ("test_fraction", "eval_fraction", "lora_dropout"):
         value = getattr(cfg, name)
         if not 0.0 <= value < 1.0:
             raise FedLoraError(f"config key '{name}' must be in [0, 1), got {value}")
+    # 1.0 is a client holding only its dominant class; 0 would give it none of it.
+    if not 0.0 < cfg.dominant_fraction <= 1.0:
+        raise FedLoraError(
+            f"config key 'dominant_fraction' must be in (0, 1], got {cfg.dominant_fraction}"
+        )
+    _check_encoding(cfg)
     if not 0.0 < cfg.client_fraction <= 1.0:
         raise FedLoraError(
             f"config key 'client_fraction' must be in (0, 1], got {cfg.client_fraction}"
@@ -209,6 +221,7 @@ def _check_values(cfg: Config) -> None:
     _choice(cfg, "optimizer", OPTIMIZERS)
     _choice(cfg, "partition", PARTITIONS)
     _choice(cfg, "weighting", WEIGHTINGS)
+    _choice(cfg, "client_alpha", CLIENT_ALPHAS)
     _choice(cfg, "head", HEAD_POLICIES)
     _choice(cfg, "runtime", RUNTIMES)
     _check_flower_options(cfg)
@@ -233,6 +246,20 @@ def _check_values(cfg: Config) -> None:
             "dp.* (DP-SGD) runs with runtime=inprocess and task=classification only "
             f"(got runtime={cfg.runtime}, task={cfg.task})"
         )
+
+
+def _check_encoding(cfg: Config) -> None:
+    """Fail at load, not after the model is built, on a codec the data files cannot be
+    read with: ``codecs.lookup`` finds bytes-to-bytes codecs too (``rot13``, ``zlib``),
+    which ``str.encode`` refuses (``b"".decode`` would not: it skips the lookup)."""
+    try:
+        codecs.lookup(cfg.encoding)
+        "a".encode(cfg.encoding)
+    except (LookupError, UnicodeError):
+        raise FedLoraError(
+            f"config key 'encoding' must name a text encoding (e.g. utf-8, latin-1, cp1252, "
+            f"utf-16), got '{cfg.encoding}'"
+        ) from None
 
 
 def _check_method_options(cfg: Config) -> None:
@@ -431,10 +458,28 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+# Defaults that differ by task, applied where neither the file nor an override sets the key.
+# A causal LM costs ~10x a MiniLM step per token on a CPU (SmolLM2-135M: one step of
+# 16 x 128 tokens took over a minute here, one evaluation ~1 s per example): these keep a
+# first run to a few minutes (docs/configuration.md, "Defaults").
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "causal-lm": {
+        "batch_size": 4,
+        "max_length": 64,
+        "max_test_examples": 100,
+        "max_client_eval_examples": 25,
+    },
+}
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the YAML file at ``path``, then ``key=value`` overrides."""
+    """Defaults (the task's, see :data:`TASK_DEFAULTS`), then the YAML file at ``path``,
+    then ``key=value`` overrides."""
     values = read_yaml(path) if path is not None else {}
     values = _merge(values, parse_overrides(overrides or []))
+    task = values.get("task", Config.task)
+    if isinstance(task, str):
+        values = {**TASK_DEFAULTS.get(task, {}), **values}
     return _build(Config, values)
 
 

@@ -135,7 +135,9 @@ def _verbalizer(cfg: Config, dataset: TextDataset, generative: bool) -> list[str
 
 def build_federation(cfg: Config, *, log: Log = stderr_log) -> Federation:
     torch.set_num_threads(cfg.threads)
-    generative = cfg.task == "causal-lm" and is_causal_source(cfg.dataset, cfg.data_dir)
+    generative = cfg.task == "causal-lm" and is_causal_source(
+        cfg.dataset, cfg.data_dir, encoding=cfg.encoding
+    )
     if generative:
         dataset = load_causal_dataset(
             cfg.dataset,
@@ -144,6 +146,7 @@ def build_federation(cfg: Config, *, log: Log = stderr_log) -> Federation:
             test_fraction=cfg.test_fraction,
             max_train_examples=cfg.max_train_examples,
             max_test_examples=cfg.max_test_examples,
+            encoding=cfg.encoding,
         )
     else:
         dataset = load_text_dataset(
@@ -157,6 +160,7 @@ def build_federation(cfg: Config, *, log: Log = stderr_log) -> Federation:
             group_column=cfg.group_column,
             max_train_examples=cfg.max_train_examples,
             max_test_examples=cfg.max_test_examples,
+            encoding=cfg.encoding,
         )
     log(
         f"data: {dataset.name}: {len(dataset.train)} train / {len(dataset.test)} eval examples, "
@@ -169,6 +173,7 @@ def build_federation(cfg: Config, *, log: Log = stderr_log) -> Federation:
         partition_alpha=cfg.partition_alpha,
         dominant_fraction=cfg.dominant_fraction,
         eval_fraction=cfg.eval_fraction,
+        max_eval_examples=cfg.max_client_eval_examples,
         seed=cfg.seed,
     )
     log(describe_clients(clients, dataset.label_names))
@@ -182,7 +187,7 @@ def build_federation(cfg: Config, *, log: Log = stderr_log) -> Federation:
         model, tokenizer, path = load_classifier(
             cfg.model, num_labels=len(dataset.label_names), lora=lora, seed=cfg.seed
         )
-    adapter = PeftAdapter(model)
+    adapter = PeftAdapter(model, client_alpha=cfg.client_alpha)
     if not adapter.lora_layers:
         raise FedLoraError("no LoRA layers were created: check target_modules and layers")
     log(

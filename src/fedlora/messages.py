@@ -68,7 +68,13 @@ class RoundPlan:
 
 @dataclass(frozen=True)
 class ClientUpdate:
-    """A client's reply: only the tensors it trained, its example count and metrics."""
+    """A client's reply: only the tensors it trained, its example count and metrics.
+
+    ``scaling`` is the LoRA scaling (``alpha / r`` as PEFT set it) of the adapter the client
+    trained, per layer: its increment to a frozen weight is ``scaling * B @ A``, so the
+    server weighs each client's factors by what they actually did (clients of different
+    ranks have different scalings; FLoRA). Empty: the global adapter's scaling.
+    """
 
     client_id: int
     num_examples: int
@@ -76,6 +82,8 @@ class ClientUpdate:
     B: Mapping[str, torch.Tensor] = field(default_factory=dict)
     head: Mapping[str, torch.Tensor] = field(default_factory=dict)
     train_loss: float = float("nan")
+    scaling: Mapping[str, float] = field(default_factory=dict)
+    steps: int = 0
 
     def nbytes(self) -> int:
         return tensor_bytes([*self.A.values(), *self.B.values(), *self.head.values()])

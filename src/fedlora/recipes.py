@@ -11,8 +11,8 @@ from typing import Any
 from fedlora.config import Config, config_from_dict, read_yaml
 from fedlora.errors import FedLoraError
 from fedlora.federation import Federation, Log, build_federation, stderr_log
-from fedlora.methods import build_method
-from fedlora.outputs import RunDir, plot_comparison, plot_run
+from fedlora.methods import LoRAMethod, build_method, with_method_defaults
+from fedlora.outputs import RunDir, best_row, plot_comparison, plot_run
 from fedlora.runtime import run_federated
 from fedlora.runtime.checkpoint import load_checkpoint, truncate_metrics
 
@@ -26,7 +26,7 @@ def _summarise(
 ) -> dict[str, Any]:
     rows = result["rows"]
     evaluated = [r for r in rows if r.get("accuracy") is not None]
-    best = max(evaluated, key=lambda r: r["accuracy"])
+    best = best_row(rows)  # over the rounds after training started, never round 0
     return {
         "method": cfg.method,
         "model": cfg.model,
@@ -64,6 +64,17 @@ def _summarise(
     }
 
 
+def warn_one_phase(cfg: Config, method: LoRAMethod, log: Log) -> None:
+    """One line when evaluation only ever sees one phase of a periodic method (RoLoRA with
+    an even ``eval_every`` is evaluated after ``A`` rounds only)."""
+    if method.period > 1 and cfg.eval_every % method.period == 0:
+        log(
+            f"warning: eval_every={cfg.eval_every} is a multiple of {method.label}'s period "
+            f"({method.period} rounds), so evaluation sees one phase only; use an "
+            f"eval_every that is not (eval_every=1 sees every round)"
+        )
+
+
 def run_method(
     cfg: Config,
     fed: Federation,
@@ -79,6 +90,7 @@ def run_method(
     """
     run_dir.write_config(cfg)
     method = build_method(cfg.method, cfg)
+    warn_one_phase(cfg, method, log)
     result = rounds(fed, method, run_dir, log=log)
     summary = _summarise(cfg, fed, result, run_dir)
     run_dir.write_summary(summary)
@@ -88,6 +100,7 @@ def run_method(
 
 
 def run(cfg: Config, *, log: Log = stderr_log) -> dict[str, Any]:
+    cfg = with_method_defaults(cfg)
     if cfg.runtime != "inprocess":
         from fedlora.runtime.flower import run_on_flower  # Flower is imported only when used
 
@@ -162,7 +175,7 @@ def compare(cfg: Config, *, log: Log = stderr_log) -> dict[str, dict[str, Any]]:
     fed = build_federation(cfg, log=log)
     summaries = {}
     for method in cfg.methods:
-        method_cfg = cfg.replace(method=method, run_name=None)
+        method_cfg = with_method_defaults(cfg.replace(method=method, run_name=None))
         fed.cfg = method_cfg
         summaries[method] = run_method(method_cfg, fed, run_dirs[method], log=log)
     table = comparison_table(summaries)

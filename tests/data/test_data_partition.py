@@ -81,6 +81,37 @@ def test_dirichlet_covers_data_and_skews_labels():
     assert len({tuple(label_histogram(c.train, 4)) for c in skewed}) == 5
 
 
+def within_class_runs(clients, data: TextExamples) -> list[bool]:
+    """For each (client, class) holding 2 or more but not all of that class's rows: whether
+    those rows are a contiguous run of the class's rows in file order."""
+    row_of = {t: i for i, t in enumerate(data.text)}
+    runs = []
+    for label in sorted(set(data.labels)):
+        rank = {row: r for r, row in enumerate(i for i, y in enumerate(data.labels) if y == label)}
+        for c in clients:
+            ranks = sorted(rank[row_of[t]] for t in c.train.text + c.eval.text if row_of[t] in rank)
+            if 2 <= len(ranks) < len(rank):
+                runs.append(ranks[-1] - ranks[0] + 1 == len(ranks))
+    return runs
+
+
+@pytest.mark.parametrize("partition", ["iid", "dirichlet", "imbalanced"])
+def test_rows_are_shuffled_before_partitioning(partition):
+    # A file sorted by some hidden feature within each class (here: the row index, e.g.
+    # date or source) must not become feature skew: contiguous blocks per class per client.
+    data = make_examples([100, 100, 100, 100])
+    clients = partition_clients(
+        data, num_clients=5, partition=partition, partition_alpha=1.0, eval_fraction=0.0
+    )
+    runs = within_class_runs(clients, data)
+    assert len(runs) >= 10
+    assert not any(runs), f"{sum(runs)} of {len(runs)} client-class blocks are contiguous"
+    again = partition_clients(
+        data, num_clients=5, partition=partition, partition_alpha=1.0, eval_fraction=0.0
+    )
+    assert again == clients
+
+
 def test_imbalanced_each_client_dominated_by_its_class():
     data = make_examples([100, 100, 100, 100])
     clients = partition_clients(
@@ -168,9 +199,9 @@ def test_argument_errors():
         partition_clients(data, num_clients=0)
     with pytest.raises(FedLoraError, match=r"num_clients=7 is more than the 6 training examples"):
         partition_clients(data, num_clients=7)
-    with pytest.raises(FedLoraError, match="partition_alpha"):
+    with pytest.raises(FedLoraError, match=r"^partition_alpha must be positive, got 0.0$"):
         partition_clients(data, num_clients=2, partition="dirichlet", partition_alpha=0.0)
-    with pytest.raises(FedLoraError, match="eval_fraction"):
+    with pytest.raises(FedLoraError, match=r"^eval_fraction must be in \[0, 1\), got 1.0$"):
         partition_clients(data, num_clients=2, eval_fraction=1.0)
 
 

@@ -216,7 +216,7 @@ def test_text_examples_select_and_length_check():
         ["z", "x"],
         2,
     )
-    with pytest.raises(ValueError, match="labels"):
+    with pytest.raises(ValueError, match="^labels has 2 entries, text has 1$"):
         TextExamples(text=["a"], labels=[0, 1])
 
 
@@ -282,7 +282,10 @@ def test_bad_labels_and_unsplittable_classes(tmp_path):
 
 @pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 1.5])
 def test_bad_test_fraction(fraction):
-    with pytest.raises(FedLoraError, match="test_fraction"):
+    with pytest.raises(
+        FedLoraError,
+        match=rf"^test_fraction must be between 0 and 1 \(exclusive\), got {fraction}$",
+    ):
         load_text_dataset(name="bbc-news", test_fraction=fraction)
 
 
@@ -349,3 +352,86 @@ def test_train_file_takes_its_dev_sibling(tmp_path):
         ds = load_text_dataset(name=str(name))
         assert ds.name == "reviews"
         assert ds.train.text == ["a", "b", "c"] and ds.test.text == ["d", "e"]
+
+
+# ---------------------------------------------------------------- file encodings
+
+
+def write_latin1_csv(path: Path) -> bytes:
+    rows = [f"{word} {i},{'hot' if i % 2 else 'cold'}" for i in range(10) for word in ["café"]]
+    data = ("text,label\n" + "\n".join(rows) + "\n").encode("latin-1")
+    path.write_bytes(data)
+    return data
+
+
+def test_non_utf8_file_names_the_encoding_key_and_where(tmp_path):
+    data = write_latin1_csv(tmp_path / "menu.csv")
+    with pytest.raises(FedLoraError) as info:
+        load_text_dataset(name=str(tmp_path / "menu.csv"))
+    message = str(info.value)
+    offset = data.index(b"\xe9")
+    assert f"menu.csv is not valid utf-8 text (byte 0xe9 at offset {offset}, line 2)" in message
+    assert message.endswith("set encoding=<its encoding>, e.g. encoding=latin-1")
+    assert "\n" not in message
+
+
+def test_encoding_key_reads_latin1_and_utf16_files(tmp_path):
+    write_latin1_csv(tmp_path / "menu.csv")
+    ds = load_text_dataset(name=str(tmp_path / "menu.csv"), encoding="latin-1")
+    assert sorted(ds.train.text + ds.test.text) == sorted(f"café {i}" for i in range(10))
+    rows = [{"text": f"naïve {i}", "label": i % 2} for i in range(6)]
+    utf16 = tmp_path / "notes.jsonl"
+    utf16.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), "utf-16")
+    with pytest.raises(FedLoraError, match=r"byte 0xff at offset 0.*e\.g\. encoding=utf-16$"):
+        load_text_dataset(name=str(utf16))
+    ds = load_text_dataset(name=str(utf16), encoding="utf-16", test_fraction=0.34)
+    assert sorted(ds.train.text + ds.test.text) == [f"naïve {i}" for i in range(6)]
+
+
+def test_utf8_byte_order_mark_is_not_part_of_the_first_column(tmp_path):
+    # Excel's "CSV UTF-8" starts with a BOM; it must not rename column 'text' to '\ufefftext'.
+    path = tmp_path / "excel.csv"
+    path.write_text("text,label\n" + "".join(f"é{i},{i % 2}\n" for i in range(6)), "utf-8-sig")
+    ds = load_text_dataset(name=str(path), test_fraction=0.34)
+    assert sorted(ds.train.text + ds.test.text) == [f"é{i}" for i in range(6)]
+
+
+def test_local_glue_copy_uses_the_encoding(tmp_path):
+    rows = [[f"crème {i}", i % 2] for i in range(6)]
+    for split in ("train", "dev"):
+        path = tmp_path / "SST-2" / f"{split}.tsv"
+        write_tsv(path, ["sentence", "label"], rows)
+        path.write_bytes(path.read_text("utf-8").encode("cp1252"))
+    with pytest.raises(FedLoraError, match=r"SST-2.dev\.tsv is not valid utf-8 text .*encoding="):
+        load_text_dataset(name="sst2", data_dir=str(tmp_path))
+    ds = load_text_dataset(name="sst2", data_dir=str(tmp_path), encoding="cp1252")
+    assert ds.train.text[0] == "crème 0"
+
+
+def test_causal_files_use_the_encoding(tmp_path):
+    from fedlora.data.causal import is_causal_source, load_causal_dataset
+
+    records = [{"instruction": f"Décris {i}", "output": f"Voilà {i}"} for i in range(4)]
+    jsonl = tmp_path / "chat.jsonl"
+    jsonl.write_bytes(
+        "\n".join(json.dumps(r, ensure_ascii=False) for r in records).encode("latin-1")
+    )
+    text = tmp_path / "docs.txt"
+    text.write_bytes("Über eins.\r\n\r\nÜber zwei.\r\n".encode("latin-1"))
+    for path in (jsonl, text):
+        assert is_causal_source(str(path))  # sniffing never fails on a byte
+        with pytest.raises(FedLoraError, match=r"is not valid utf-8 text.*encoding=latin-1$"):
+            load_causal_dataset(str(path))
+    data = load_causal_dataset(str(jsonl), encoding="latin-1", test_fraction=0.25)
+    assert sorted(data.train.text_pair + data.test.text_pair) == [f"Voilà {i}" for i in range(4)]
+    docs = load_causal_dataset(str(text), encoding="latin-1", test_fraction=0.5)
+    assert sorted(docs.train.text_pair + docs.test.text_pair) == ["Über eins.", "Über zwei."]
+    assert is_causal_source(str(jsonl), encoding="no-such-codec") is False
+
+
+def test_unknown_encoding_in_the_loader_is_one_line(tmp_path):
+    write_latin1_csv(tmp_path / "menu.csv")
+    for name in ("no-such-codec", "rot13"):
+        with pytest.raises(FedLoraError, match=f"encoding.*{name}") as info:
+            load_text_dataset(name=str(tmp_path / "menu.csv"), encoding=name)
+        assert "\n" not in str(info.value)

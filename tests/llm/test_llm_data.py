@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -110,7 +111,10 @@ def test_instruction_jsonl(tmp_path):
     }
     assert every["Q1\n\nctx"] == "A1" and every["Q2"] == "A2" and len(every) == 5
     path.write_text(json.dumps({"instruction": "x", "output": "y"}) + "\n" + json.dumps({"q": 1}))
-    with pytest.raises(FedLoraError, match="line 2"):
+    with pytest.raises(
+        FedLoraError,
+        match=rf"^{re.escape(str(path))}, line 2: needs the fields instruction and output$",
+    ):
         load_causal_dataset(str(path))
     classification = tmp_path / "c.jsonl"
     classification.write_text(json.dumps({"text": "a", "label": 1}))
@@ -159,7 +163,10 @@ def test_verbaliser_accuracy_equals_hand_computation(llama, tok):
 
 def test_verbaliser_words_need_distinct_first_tokens(tok):
     ex = TextExamples(text=["x"], labels=[0])
-    with pytest.raises(FedLoraError, match="different tokens"):
+    with pytest.raises(
+        FedLoraError,
+        match=r"^verbalizer words \['same', 'same'\] must start with different tokens ",
+    ):
         encode_causal(tok, ex, max_length=16, chat_template=False, verbalizer=["same", "same"])
 
 

@@ -162,9 +162,12 @@ def test_lora_mlp_targets(which, expected, tiny_llama_dir, tiny_gpt2_dir, llm_ov
 def test_causal_lm_config_errors(tiny_llama_dir, llm_overrides, tmp_path: Path):
     from fedlora.errors import FedLoraError
 
-    with pytest.raises(FedLoraError, match="base_dtype"):
+    with pytest.raises(FedLoraError, match="^config key 'base_dtype' needs task=causal-lm$"):
         load_config(None, ["base_dtype=bfloat16"])
-    with pytest.raises(FedLoraError, match="task"):
+    with pytest.raises(
+        FedLoraError,
+        match="^config key 'task' must be one of classification, causal-lm; got 'seq2seq'$",
+    ):
         load_config(None, ["task=seq2seq"])
     bad = [*llm_overrides, f"model={tiny_llama_dir}", "dataset=bbc-news", "verbalizer=[a,b]"]
     with pytest.raises(FedLoraError, match="one word per label"):

@@ -6,6 +6,7 @@ import torch
 from fedlora.config import load_config
 from fedlora.messages import AdapterState, ClientUpdate
 from fedlora.methods import METHOD_NAMES, build_method
+from fedlora.methods.base import update_error
 
 LAYERS = {"l0": (6, 5), "l1": (4, 7)}  # out, in
 RANK = 3
@@ -38,6 +39,16 @@ def aggregate(method, plan, state, updates, weights):
 SCALING = 2.0
 
 
+def agg_error(result, start, updates, weights):
+    return update_error(
+        before=start,
+        updates=updates,
+        weights=weights,
+        scaling=dict.fromkeys(LAYERS, SCALING),
+        result=result,
+    )
+
+
 def effective(result, layer):
     """The increment a client's weight carries after aggregation: s B A + folded delta."""
     inc = SCALING * result.state.B[layer] @ result.state.A[layer]
@@ -61,9 +72,9 @@ def test_identical_clients_are_a_fixed_point(name: str):
     start, trained = random_state(0), random_state(1)
     plan = method.plan(1)
     n = 1 if name == "centralized" else 3
-    result = aggregate(
-        method, plan, start, [reply(k, trained, plan.trained) for k in range(n)], [1.0] * n
-    )
+    updates = [reply(k, trained, plan.trained) for k in range(n)]
+    result = aggregate(method, plan, start, updates, [1.0] * n)
+    errors = agg_error(result, start, updates, [1.0] * n)
     for layer in LAYERS:
         expect_A = trained.A[layer] if plan.trains_A else start.A[layer]
         expect_B = trained.B[layer] if plan.trains_B else start.B[layer]
@@ -71,7 +82,7 @@ def test_identical_clients_are_a_fixed_point(name: str):
         if name not in ("flora", "fra", "schedule"):  # these re-factorise or restart
             torch.testing.assert_close(result.state.A[layer], expect_A)
             torch.testing.assert_close(result.state.B[layer], expect_B)
-        assert result.agg_error[layer] == pytest.approx(0.0, abs=1e-12)
+        assert errors[layer] == pytest.approx(0.0, abs=1e-12)
     torch.testing.assert_close(
         result.state.head["classifier.weight"], trained.head["classifier.weight"]
     )
@@ -83,16 +94,30 @@ def test_exact_and_full_rank_methods_reproduce_the_mean_update(name: str):
     updates = [reply(k, random_state(k + 1), "AB", n=k + 1) for k in range(3)]
     weights = [1.0, 2.0, 3.0]
     result = aggregate(method, method.plan(1), random_state(0), updates, weights)
+    errors = agg_error(result, random_state(0), updates, weights)
     for layer in LAYERS:
-        M = sum(w * SCALING * u.B[layer] @ u.A[layer] for w, u in zip(weights, updates, strict=True)) / 6
-        if name == "fra":  # best rank-r approximation, error = discarded energy
+        M = (
+            sum(
+                w * SCALING * u.B[layer] @ u.A[layer] for w, u in zip(weights, updates, strict=True)
+            )
+            / 6
+        )
+        if name == "fra":  # best rank-r approximation; its own diagnostic: discarded energy
             U, S, Vh = torch.linalg.svd(M)
             best = (U[:, :RANK] * S[:RANK]) @ Vh[:RANK]
             torch.testing.assert_close(effective(result, layer), best)
             share = float((S[RANK:] ** 2).sum() / (S**2).sum())
-            assert result.agg_error[layer] == pytest.approx(share, rel=1e-9)
+            assert result.diagnostics["fra_discarded_energy"][layer] == pytest.approx(
+                share, rel=1e-9
+            )
+            # agg_error is every method's unit: the relative Frobenius error, sqrt(share)
+            assert errors[layer] == pytest.approx(
+                float(torch.linalg.norm(M - best) / torch.linalg.norm(M)), rel=1e-9
+            )
+            assert errors[layer] == pytest.approx(share**0.5, rel=1e-9)
         else:
             torch.testing.assert_close(effective(result, layer), M)
+            assert errors[layer] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_schedule_switches_phase_and_keeps_it_in_state():
@@ -140,7 +165,11 @@ def test_rolora_alternates_and_changes_only_trained_factor():
             assert torch.equal(getattr(result.state, frozen)[layer], getattr(state, frozen)[layer])
             trained_factor = getattr(result.state, plan.trained)[layer]
             expected = (
-                sum(w * getattr(u, plan.trained)[layer] for w, u in zip([1, 2, 3], updates, strict=True)) / 6
+                sum(
+                    w * getattr(u, plan.trained)[layer]
+                    for w, u in zip([1, 2, 3], updates, strict=True)
+                )
+                / 6
             )
             torch.testing.assert_close(trained_factor, expected)
         state = result.state
@@ -161,9 +190,9 @@ def test_fedavg_averages_factors_separately_and_reports_cross_term_error():
     method = build_method("fedavg", load_config())
     states = [random_state(s) for s in (1, 2)]
     plan = method.plan(1)
-    result = aggregate(
-        method, plan, random_state(0), [reply(k, s, "AB") for k, s in enumerate(states)], [1.0, 3.0]
-    )
+    updates = [reply(k, s, "AB") for k, s in enumerate(states)]
+    result = aggregate(method, plan, random_state(0), updates, [1.0, 3.0])
+    errors = agg_error(result, random_state(0), updates, [1.0, 3.0])
     for layer in LAYERS:
         A = 0.25 * states[0].A[layer] + 0.75 * states[1].A[layer]
         B = 0.25 * states[0].B[layer] + 0.75 * states[1].B[layer]
@@ -174,7 +203,7 @@ def test_fedavg_averages_factors_separately_and_reports_cross_term_error():
             + 0.75 * states[1].B[layer] @ states[1].A[layer]
         )
         expected = (torch.linalg.norm(M - B @ A) / torch.linalg.norm(M)).item()
-        assert result.agg_error[layer] == pytest.approx(expected, rel=1e-9)
+        assert errors[layer] == pytest.approx(expected, rel=1e-9)
         assert expected > 0.01
 
 
@@ -191,3 +220,34 @@ def test_client_order_does_not_matter():
             torch.testing.assert_close(
                 r1.state.B[layer] @ r1.state.A[layer], r2.state.B[layer] @ r2.state.A[layer]
             )
+
+
+def test_hybrid_hands_ffa_an_a_at_its_initial_scale():
+    """FRA-LoRA's last round before FFA-LoRA puts all of sigma into B: the A that FFA-LoRA
+    freezes has orthogonal rows of PEFT's initial row norm 1/sqrt(3), and s B A is still the
+    best rank-r approximation; the earlier FRA rounds keep the balanced split."""
+    cfg = load_config(
+        None,
+        [f"rank={RANK}", "method=schedule", "schedule=[{method: fra, rounds: 2}, {method: ffa}]"],
+    )
+    method = build_method("schedule", cfg)
+    state = random_state(0)
+    for t in (1, 2, 3):
+        plan = method.plan(t)
+        updates = [reply(k, random_state(10 * t + k), plan.trained) for k in range(3)]
+        result = aggregate(method, plan, state, updates, [1.0, 1.0, 1.0])
+        for layer in LAYERS:
+            gram = result.state.A[layer] @ result.state.A[layer].T
+            if t == 2:
+                torch.testing.assert_close(gram, torch.eye(RANK, dtype=torch.float64) / 3)
+                M = sum(SCALING * u.B[layer] @ u.A[layer] for u in updates) / 3
+                U, S, Vh = torch.linalg.svd(M)
+                torch.testing.assert_close(
+                    effective(result, layer), (U[:, :RANK] * S[:RANK]) @ Vh[:RANK]
+                )
+            elif t == 1:
+                BtB = result.state.B[layer].T @ result.state.B[layer]
+                torch.testing.assert_close(gram, BtB)  # balanced
+            else:  # FFA-LoRA keeps the handed-over A
+                torch.testing.assert_close(gram, torch.eye(RANK, dtype=torch.float64) / 3)
+        state = result.state

@@ -50,9 +50,12 @@ def test_target_detection_and_layers():
 
 
 def test_bad_layers_and_targets():
-    with pytest.raises(FedLoraError, match="out of range"):
+    with pytest.raises(FedLoraError, match=r"^layers \[7\] out of range: the model has 3 blocks$"):
         attach_lora(tiny_bert(), LoRASettings(rank=2, alpha=4, layers=[7]), seed=0)
-    with pytest.raises(FedLoraError, match="not found"):
+    with pytest.raises(
+        FedLoraError,
+        match=r"^target module\(s\) \['q_proj'\] not found in model BertForSequenceClassification$",
+    ):
         attach_lora(tiny_bert(), LoRASettings(rank=2, alpha=4, target_modules=["q_proj"]), seed=0)
 
 

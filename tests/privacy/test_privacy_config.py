@@ -11,9 +11,18 @@ BAD = [
     (["dp.noise_multiplier=1", "dp.delta=1"], "dp.delta' must be in (0, 1)"),
     (["dp.noise_multiplier=1", "dp.delta=1.5"], "dp.delta' must be in (0, 1)"),
     (["dp.noise_multiplier=1", "dp.delta=0"], "dp.delta' must be in (0, 1)"),
-    (["dp.noise_multiplier=1", "dp.target_epsilon=3"], "not both"),
-    (["dp.target_epsilon=0.05", "dp.delta=1e-5"], "unreachable"),
-    (["dp.target_epsilon=0.001", "dp.accountant=prv"], "unreachable"),
+    (
+        ["dp.noise_multiplier=1", "dp.target_epsilon=3"],
+        "give dp.noise_multiplier or dp.target_epsilon, not both",
+    ),
+    (
+        ["dp.target_epsilon=0.05", "dp.delta=1e-5"],
+        "dp.target_epsilon=0.05 is unreachable at dp.delta=1e-05 with the rdp accountant",
+    ),
+    (
+        ["dp.target_epsilon=0.001", "dp.accountant=prv"],
+        "dp.target_epsilon=0.001 is unreachable at dp.delta=1e-05 with the prv accountant",
+    ),
     (["dp.target_epsilon=-2"], "dp.target_epsilon' must be > 0"),
     (["dp.noise_multiplier=1", "dp.max_grad_norm=0"], "dp.max_grad_norm' must be > 0"),
     (["dp.noise_multiplier=1", "dp.accountant=gdp"], "dp.accountant' must be one of rdp, prv"),

@@ -40,6 +40,9 @@ def test_sweep_runs_skips_finished_and_resumes_interrupted(tiny_overrides, tmp_p
         assert after[key] == before[key]
 
 
-def test_cli_sweep_rejects_a_bad_grid_value_before_running(tiny_overrides, capsys):
+def test_cli_sweep_rejects_a_bad_grid_value_before_running(tiny_overrides, capsys, tmp_path):
     assert main(["sweep", *tiny_overrides, "--grid", "rank=2,0"]) == 2
-    assert "rank" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err == "fedlora: error: config key 'rank' must be >= 1, got 0\n", err
+    runs = tmp_path / "runs"  # tiny_overrides' output_dir: not even rank=2 ran
+    assert not runs.exists() or not any(runs.iterdir()), list(runs.iterdir())

@@ -51,7 +51,10 @@ def test_fedex_effective_weight_is_w0_plus_scaled_mean_update(fed, tmp_path):
     )
     state, s = result["state"], fed.adapter.scaling()
     for layer in start.A:
-        M = sum(w * u.B[layer].double() @ u.A[layer].double() for w, u in zip(weights, replies, strict=True))
+        M = sum(
+            w * u.B[layer].double() @ u.A[layer].double()
+            for w, u in zip(weights, replies, strict=True)
+        )
         now = (
             fed.adapter.base_weight(layer).double()
             + s[layer] * state.B[layer].double() @ state.A[layer].double()

@@ -6,6 +6,7 @@ process is stopped by its id, and each step is bounded in time."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import ssl
 import subprocess
@@ -125,41 +126,62 @@ def written_rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
 
 
-class KillAfterRound:
-    """Once round ``after``'s row is in ``metrics.jsonl``, SIGKILL SuperNode ``node`` and its
-    processes; then note when the next round's row is written. Gives up when the run ends."""
+def received_train(node_log: str, round: int) -> re.Match[str] | None:
+    """Where a SuperNode's log says it pulled round ``round``'s train message (Flower logs
+    ``[RUN <id>, ROUND <t>]`` then ``Receiving: train message`` for each message it pulls;
+    the strategy sets a message's group to its round)."""
+    return re.search(rf"\[RUN \d+, ROUND {round}\][^\n]*\n[^\n]*Receiving: train message", node_log)
 
-    def __init__(self, run_dir: Path, *, node: int, after: int) -> None:
-        self.run_dir, self.node, self.after = run_dir, node, after
+
+class KillDuringRound:
+    """Once SuperNode ``node``'s log shows it received round ``round``'s train message,
+    SIGKILL it and its processes, and record what the run had written at that moment; then
+    note when that round's row is written. Fails if the run ends before the message came."""
+
+    def __init__(self, run_dir: Path, *, node: int, round: int) -> None:
+        self.run_dir, self.node, self.round = run_dir, node, round
         self.killed: list[int] = []
         self.left: list[int] | None = None  # processes of the node still alive after the kill
-        self.seconds_to_next_row: float | None = None
+        self.rounds_at_kill: list[int] | None = None  # metrics rows written when it was killed
+        self.run_ended_before_kill: bool | None = None
+        self.log_after_receipt: str | None = None  # the node's log from the message on
+        self.seconds_to_row: float | None = None
         self.error: BaseException | None = None
 
     def __call__(self, fed: LocalFederation, finished: threading.Event) -> None:
         try:
-            while not any(r["round"] == self.after for r in written_rows(self.run_dir)):
+            node_log = fed.workdir / f"supernode{self.node}.log"
+            while not received_train(node_log.read_text(errors="replace"), self.round):
                 if finished.wait(0.2):
-                    raise RuntimeError(f"the run ended before round {self.after} was written")
+                    raise RuntimeError(
+                        f"the run ended before SuperNode {self.node} got round {self.round}"
+                    )
             self.killed = fed.kill_node(self.node)
             killed_at = time.monotonic()
+            self.run_ended_before_kill = finished.is_set()
+            self.rounds_at_kill = [r["round"] for r in written_rows(self.run_dir)]
+            text = node_log.read_text(errors="replace")  # final: the node is dead
+            receipt = received_train(text, self.round)
+            assert receipt is not None
+            self.log_after_receipt = text[receipt.end() :]
             time.sleep(1.0)  # a ClientApp orphaned by the kill would still be alive now
             self.left = fed.processes_of_node(self.node)
-            while not any(r["round"] == self.after + 1 for r in written_rows(self.run_dir)):
+            while not any(r["round"] == self.round for r in written_rows(self.run_dir)):
                 if finished.wait(0.5):
                     return
-            self.seconds_to_next_row = time.monotonic() - killed_at
+            self.seconds_to_row = time.monotonic() - killed_at
         except BaseException as exc:  # reported by the test, not lost in the thread
             self.error = exc
 
 
 def test_deployment_with_tls_survives_a_vanishing_supernode(tiny_overrides, tmp_path):
-    """Three SuperNodes over TLS, min_clients=2. Once round 1 is written, SuperNode 2 and
-    every process under it are SIGKILLed (its ClientApp is then usually starting or training
-    round 2). Nothing of it survives; the SuperLink declares it offline after two missed
-    heartbeats (~60 s at Flower's 30 s interval) and answers for it with a NODE_UNAVAILABLE
-    error, well before round_timeout=150: round 2 is trained by clients 0 and 1 only and
-    logs client 2's failure, and the run completes."""
+    """Three SuperNodes over TLS, min_clients=2. As soon as SuperNode 2's log shows it has
+    received round 2's train message, it and every process under it are SIGKILLed: the
+    test checks that this happened before it replied and before round 2's row was written.
+    Nothing of it survives; the SuperLink declares it offline after two missed heartbeats
+    (~60 s at Flower's 30 s interval) and answers for it with a NODE_UNAVAILABLE error,
+    well before round_timeout=150: round 2 is trained by clients 0 and 1 only and logs
+    client 2's failure, and the run completes."""
     certs = tmp_path / "certs"
     subprocess.run(
         ["bash", str(REPO / "scripts" / "make_certs.sh"), str(certs)],
@@ -175,12 +197,18 @@ def test_deployment_with_tls_survives_a_vanishing_supernode(tiny_overrides, tmp_
         "run_name=tls",
     ]
     run_dir = tmp_path / "runs" / "tls"
-    kill = KillAfterRound(run_dir, node=2, after=1)
-    fed, _ = deploy_and_run(tmp_path, args, certs=certs, num_nodes=3, meanwhile=kill)
+    kill = KillDuringRound(run_dir, node=2, round=2)
+    fed, out = deploy_and_run(tmp_path, args, certs=certs, num_nodes=3, meanwhile=kill)
     assert kill.error is None, repr(kill.error)
     assert kill.killed and kill.left == [], (kill.killed, kill.left)
     assert fed.processes_of_node(2) == []
-    assert kill.seconds_to_next_row is not None and kill.seconds_to_next_row < 150
+    # The kill landed mid-run, in round 2: the node held round 2's instruction and had not
+    # answered it, round 1's row was the last one written, and the run was still going.
+    assert kill.run_ended_before_kill is False
+    assert kill.rounds_at_kill == [0, 1], kill.rounds_at_kill
+    assert kill.log_after_receipt is not None
+    assert "Sending: train message" not in kill.log_after_receipt, kill.log_after_receipt
+    assert kill.seconds_to_row is not None and kill.seconds_to_row < 150
 
     rows = read_metrics(run_dir)
     assert [r["round"] for r in rows] == [0, 1, 2]
@@ -193,6 +221,9 @@ def test_deployment_with_tls_survives_a_vanishing_supernode(tiny_overrides, tmp_
     (failure,) = rows[2]["failures"]
     assert failure["client"] == 2 and failure["stage"] == "train"
     assert "Node Unavailable" in failure["error"]
+    logged = [line for line in out.splitlines() if "client 2 failed in train: " in line]
+    assert logged and all("Node Unavailable" in line for line in logged), out[-4000:]
+    assert "round 2/2" in out and "1 failed" in out
     assert (run_dir / "summary.json").is_file()
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
-    print(f"killed {kill.killed}; round 2 written {kill.seconds_to_next_row:.0f}s after the kill")
+    print(f"killed {kill.killed}; round 2 written {kill.seconds_to_row:.0f}s after the kill")

@@ -150,10 +150,49 @@ def test_saved_adapter_loads_with_peft_and_reproduces_accuracy(tiny_overrides, t
     assert saved["final_accuracy"] == summary["final_accuracy"]
 
 
-def test_centralized_pools_data_with_same_total_steps(fed, tmp_path):
-    result = run(fed, "centralized", tmp_path)
-    assert all(r["clients"] == [0, 1, 2] for r in result["rows"][1:])
-    assert result["rows"][1]["upload_bytes"] == fed.initial_state.nbytes()
+def run_counting_steps(fed, name: str, tmp_path: Path, **changes):
+    """Run ``name`` and count the optimizer steps (any optimizer's ``step()``) taken in each
+    round, i.e. between one round's aggregation and the previous one's."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    fed.cfg = fed.cfg.replace(method=name, **changes)
+    method = build_method(name, fed.cfg)
+    steps = [0]
+    per_round: list[int] = []
+    aggregate = method.aggregate
+
+    def counted(*args, **kwargs):
+        per_round.append(steps[0] - sum(per_round))
+        return aggregate(*args, **kwargs)
+
+    method.aggregate = counted
+    handle = register_optimizer_step_post_hook(lambda *_: steps.__setitem__(0, steps[0] + 1))
+    try:
+        result = run_federated(fed, method, RunDir(tmp_path / name), log=silent)
+    finally:
+        handle.remove()
+    assert sum(per_round) == steps[0]  # no step after the last aggregation
+    return result, per_round
+
+
+@pytest.mark.parametrize(("client_fraction", "sampled"), [(1.0, 3), (0.67, 2)])
+def test_centralized_pools_data_with_same_total_steps(fed, tmp_path, client_fraction, sampled):
+    local_steps, rounds = fed.cfg.local_steps, fed.cfg.rounds
+    result, steps = run_counting_steps(
+        fed, "centralized", tmp_path, client_fraction=client_fraction
+    )
+    clients = [r["clients"] for r in result["rows"][1:]]
+    assert [len(c) for c in clients] == [sampled] * rounds
+    # One trainer takes, each round, local_steps for each sampled client...
+    assert steps == [local_steps * sampled] * rounds
+    assert result["rows"][1]["upload_bytes"] == fed.initial_state.nbytes()  # one reply
+    assert len(fed.pooled_train) == sum(len(fed.encoded[c.client_id].train) for c in fed.clients)
+    # ...which is what the federated clients take together, round by round.
+    fedavg, fedavg_steps = run_counting_steps(
+        fed, "fedavg", tmp_path, client_fraction=client_fraction
+    )
+    assert [r["clients"] for r in fedavg["rows"][1:]] == clients  # the same sampler
+    assert fedavg_steps == steps
 
 
 def test_client_fraction_samples_clients(fed, tmp_path):

@@ -40,6 +40,37 @@ def metrics(run: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMINGS} for r in rows]
 
 
+def written_rounds(run: Path) -> list[int]:
+    """The rounds of the complete rows in ``metrics.jsonl`` (a killed run may leave a cut
+    last line)."""
+    path = run / "metrics.jsonl"
+    text = path.read_text() if path.is_file() else ""
+    return [
+        json.loads(line)["round"] for line in text.splitlines(keepends=True) if line.endswith("\n")
+    ]
+
+
+def checkpoint_round(run: Path) -> int | None:
+    """The round of the last committed checkpoint (None: not even round 0's)."""
+    index = run / "checkpoint" / "checkpoint.json"
+    return json.loads(index.read_text())["round"] if index.is_file() else None
+
+
+def assert_resumed_the_rest(
+    resumed: subprocess.CompletedProcess, *, after: int, reference: Path
+) -> None:
+    """``--resume`` continued after checkpoint ``after`` and trained every round the
+    uninterrupted run trained after it (not "already finished", not nothing)."""
+    assert resumed.returncode == 0, resumed.stderr
+    assert "already finished" not in resumed.stderr, resumed.stderr
+    rounds = json.loads((reference / "summary.json").read_text())["rounds"]
+    assert f"resuming after round {after}/{rounds}" in resumed.stderr, resumed.stderr
+    last = written_rounds(reference)[-1]
+    assert after < last  # there was something left to do
+    trained = [t for t in range(1, rounds + 1) if f" round {t}/{rounds} trained " in resumed.stderr]
+    assert trained == list(range(after + 1, last + 1)), resumed.stderr
+
+
 def assert_same_run(resumed: Path, reference: Path) -> None:
     assert metrics(resumed) == metrics(reference)
     for name in ("adapter_model.safetensors", "base_delta.safetensors"):
@@ -82,22 +113,31 @@ def test_resume_after_sigkill_equals_uninterrupted(overrides, tmp_path, method, 
         args = [*overrides, "method=fedavg", "dp.target_epsilon=8"]  # + budget stops
     done = fedlora("run", *args, "run_name=ref")
     assert done.returncode == 0, done.stderr
+    point, kill_round = kill.split(":")[0], int(kill.split(":")[1])
+    assert kill_round <= written_rounds(runs / "ref")[-1]  # a round the run trains
 
     killed = fedlora("run", *args, "run_name=k", env={"FEDLORA_DEBUG_KILL": kill})
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert killed.returncode == -signal.SIGKILL, killed.stderr  # it reached the kill point
     assert not (runs / "k" / "summary.json").exists()
+    # What the kill left: the checkpoint of the round before, and that round's row (plus,
+    # killed after its row, the kill round's own row, which the resume must drop).
+    assert checkpoint_round(runs / "k") == kill_round - 1
+    expected_rows = kill_round + 1 if point == "metrics" else kill_round
+    assert written_rounds(runs / "k") == list(range(expected_rows))
 
     resumed = fedlora("run", "--resume", str(runs / "k"))
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming after round" in resumed.stderr
+    assert_resumed_the_rest(resumed, after=kill_round - 1, reference=runs / "ref")
     assert_same_run(runs / "k", runs / "ref")
 
     again = fedlora("run", "--resume", str(runs / "k"))  # a finished run stays as it is
-    assert again.returncode == 0 and "already finished" in again.stderr
+    assert again.returncode == 0 and "already finished: nothing to resume" in again.stderr
+    assert "resuming after round" not in again.stderr
+    assert_same_run(runs / "k", runs / "ref")
 
 
 def test_resume_after_external_kill_minus_9(overrides, tmp_path):
-    """The test sends SIGKILL as soon as round 1 is in the metrics, wherever the run is."""
+    """The test sends SIGKILL as soon as round 1 is in the metrics, wherever the run is,
+    and checks that the kill landed before the run's end."""
     runs = tmp_path / "runs"
     args = [*overrides, "method=rolora", "rounds=6"]
     assert fedlora("run", *args, "run_name=ref").returncode == 0
@@ -106,16 +146,25 @@ def test_resume_after_external_kill_minus_9(overrides, tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    path = runs / "k" / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if path.is_file() and '"round": 1,' in path.read_text():
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    try:
+        deadline = time.monotonic() + 300
+        while 1 not in written_rounds(runs / "k"):
+            assert proc.poll() is None, f"the run exited ({proc.returncode}) before round 1"
+            assert time.monotonic() < deadline, "round 1 was not written within 300 s"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL  # killed, not finished before the signal
+    assert not (runs / "k" / "summary.json").exists()
+    at_kill = checkpoint_round(runs / "k")
+    assert at_kill is not None and at_kill < 6, at_kill
+    assert max(written_rounds(runs / "k")) < 6
+
     resumed = fedlora("run", "--resume", str(runs / "k"))
-    assert resumed.returncode == 0, resumed.stderr
+    assert_resumed_the_rest(resumed, after=at_kill, reference=runs / "ref")
     assert_same_run(runs / "k", runs / "ref")
 
 

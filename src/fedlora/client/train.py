@@ -3,7 +3,10 @@
 Each round the client loads the global adapter it was sent, unfreezes only what the
 round's :class:`~fedlora.messages.RoundPlan` trains, and builds a **fresh optimizer**
 (no Adam moments carry over between rounds: the factors it would refer to may have been
-replaced by aggregation, and a client need not be sampled twice in a row). Batches are
+replaced by aggregation, and a client need not be sampled twice in a row). The one
+exception is a trainer that is a single ordinary run (the centralized baseline): the
+runtime passes the optimizer state it keeps (``optimizer_state``), which is loaded before
+the first step and replaced by the new state after the last. Batches are
 drawn by a generator seeded from ``(seed, round, client)``, so a run is reproducible on
 CPU and a client's data order does not depend on which other clients were sampled.
 """
@@ -11,7 +14,7 @@ CPU and a client's data order does not depend on which other clients were sample
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -33,11 +36,14 @@ class LocalTraining:
 
     @classmethod
     def from_config(cls, cfg: Config) -> LocalTraining:
-        """The settings every runtime gives a client for ``cfg``."""
+        """The settings every runtime gives a client for ``cfg`` (``lr=null``: the method's
+        default learning rate)."""
+        from fedlora.methods import with_method_defaults  # the methods import this package
+
         return cls(
             local_steps=cfg.local_steps,
             batch_size=cfg.batch_size,
-            lr=cfg.lr,
+            lr=with_method_defaults(cfg).lr,  # type: ignore[arg-type]
             optimizer=cfg.optimizer,
             weight_decay=cfg.weight_decay,
         )
@@ -82,11 +88,18 @@ def train_client(
     settings: LocalTraining,
     client_id: int,
     seed: int,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> ClientUpdate:
-    """Train from ``state`` on ``data`` and return the trained tensors only."""
+    """Train from ``state`` on ``data`` and return the trained tensors only.
+
+    ``optimizer_state``: a dict the caller keeps across rounds for a trainer whose optimizer
+    persists (empty the first time); updated in place with the optimizer's state.
+    """
     adapter.set_state(state)
     params = adapter.set_trainable(plan.trained, head=plan.train_head)
     optimizer = make_optimizer(params, settings)
+    if optimizer_state:
+        optimizer.load_state_dict(optimizer_state)
     generator = torch.Generator().manual_seed(client_seed(seed, plan.round, client_id))
     torch.manual_seed(client_seed(seed, plan.round, client_id))  # dropout masks
     model = adapter.model
@@ -101,6 +114,9 @@ def train_client(
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
     model.eval()
+    if optimizer_state is not None:
+        optimizer_state.clear()
+        optimizer_state.update(optimizer.state_dict())
     sent = adapter.get_state(plan.trained, head=plan.train_head)
     return ClientUpdate(
         client_id=client_id,
@@ -109,4 +125,6 @@ def train_client(
         B=sent.B,
         head=sent.head,
         train_loss=sum(losses) / len(losses),
+        scaling=adapter.scaling(),
+        steps=len(losses),
     )

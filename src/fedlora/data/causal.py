@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from fedlora.data.encode import Encoded, pad_token_id
-from fedlora.data.sources import TextDataset, TextExamples
+from fedlora.data.sources import TextDataset, TextExamples, read_text
 from fedlora.errors import FedLoraError
 
 IGNORE_INDEX = -100  # the label HF's causal-LM loss (and ours) skips
@@ -31,19 +31,26 @@ RESPONSE_LABEL = "text"  # the one "class" of generative data, for the partition
 PROMPT_TAIL = 16  # prompt tokens kept at its end when a long prompt is cut (the turn marker)
 
 
-def is_causal_source(name: str, data_dir: str | None = None) -> bool:
+def is_causal_source(name: str, data_dir: str | None = None, *, encoding: str = "utf-8") -> bool:
     """Whether ``name`` is generative data: a ``.txt`` file, a folder of ``.txt`` files,
-    or a JSONL file whose records have ``instruction`` and ``output``."""
+    or a JSONL file whose records have ``instruction`` and ``output``.
+
+    Only the first line is read, and undecodable bytes are replaced there: this only
+    sniffs the format, and the loader that follows reports a wrong ``encoding``.
+    """
     path = Path(data_dir, name) if data_dir and not Path(name).exists() else Path(name)
     if path.is_dir():
         return any(path.rglob("*.txt"))
     if path.suffix == ".txt":
         return True
     if path.suffix in (".jsonl", ".json") and path.is_file():
-        with path.open() as f:
-            first = next((line for line in f if line.strip()), "")
         try:
-            record = json.loads(first)
+            with path.open(encoding=encoding, errors="replace") as f:
+                first = next((line for line in f if line.strip()), "")
+        except LookupError:
+            return False  # not a codec: the loader that follows says so
+        try:
+            record = json.loads(first.lstrip("\ufeff"))  # as read_text, ignore a UTF-8 BOM
         except json.JSONDecodeError:
             return False
         return isinstance(record, dict) and {"instruction", "output"} <= set(record)
@@ -58,14 +65,21 @@ def load_causal_dataset(
     test_fraction: float = 0.2,
     max_train_examples: int | None = None,
     max_test_examples: int | None = None,
+    encoding: str = "utf-8",
 ) -> TextDataset:
     """Instruction JSONL (``instruction``, optional ``input``, ``output``) or plain text
     (a ``.txt`` file with documents separated by blank lines, or a folder of ``.txt``
-    files, one document each), split at random into train and eval by ``seed``."""
+    files, one document each), split at random into train and eval by ``seed``.
+
+    Every file is decoded with ``encoding``; a byte it cannot decode stops the run with
+    the file, offset and key to set, rather than training on replacement characters."""
     path = Path(data_dir, name) if data_dir and not Path(name).exists() else Path(name)
     if not path.exists():
         raise FedLoraError(f"data file not found: {path}")
-    examples = _read_jsonl(path) if path.suffix in (".jsonl", ".json") else _read_text(path)
+    if path.suffix in (".jsonl", ".json"):
+        examples = _read_jsonl(path, encoding)
+    else:
+        examples = _read_text(path, encoding)
     if len(examples) < 2:
         raise FedLoraError(f"{path}: need at least 2 examples, found {len(examples)}")
     order = np.random.default_rng(seed).permutation(len(examples)).tolist()
@@ -78,9 +92,9 @@ def load_causal_dataset(
     return TextDataset(name=path.stem, label_names=[RESPONSE_LABEL], train=train, test=test)
 
 
-def _read_jsonl(path: Path) -> TextExamples:
+def _read_jsonl(path: Path, encoding: str) -> TextExamples:
     users, responses = [], []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(read_text(path, encoding).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -95,11 +109,15 @@ def _read_jsonl(path: Path) -> TextExamples:
     return TextExamples(text=users, labels=[0] * len(users), text_pair=responses)
 
 
-def _read_text(path: Path) -> TextExamples:
+def _read_text(path: Path, encoding: str) -> TextExamples:
+    def decoded(file: Path) -> str:
+        # read_text keeps the file's line ends; documents are split on blank lines in any.
+        return read_text(file, encoding).replace("\r\n", "\n").replace("\r", "\n")
+
     if path.is_dir():
-        docs = [p.read_text(errors="replace").strip() for p in sorted(path.rglob("*.txt"))]
+        docs = [decoded(p).strip() for p in sorted(path.rglob("*.txt"))]
     else:
-        docs = [d.strip() for d in path.read_text(errors="replace").split("\n\n")]
+        docs = [d.strip() for d in decoded(path).split("\n\n")]
     docs = [d for d in docs if d]
     return TextExamples(text=[""] * len(docs), labels=[0] * len(docs), text_pair=docs)
 

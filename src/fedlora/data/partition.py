@@ -58,8 +58,8 @@ class ImbalancedPartitioner(Partitioner):
         super().__init__()
         if num_partitions < 1:
             raise ValueError("num_partitions must be at least 1")
-        if not 0.0 <= dominant_fraction <= 1.0:
-            raise ValueError(f"dominant_fraction must be in [0, 1], got {dominant_fraction}")
+        if not 0.0 < dominant_fraction <= 1.0:
+            raise ValueError(f"dominant_fraction must be in (0, 1], got {dominant_fraction}")
         self._num_partitions = num_partitions
         self._partition_by = partition_by
         self._dominant_fraction = dominant_fraction
@@ -122,17 +122,22 @@ def partition_clients(
     partition_alpha: float = 0.5,
     dominant_fraction: float = 0.8,
     eval_fraction: float = 0.1,
+    max_eval_examples: int | None = None,
     seed: int = 0,
 ) -> list[ClientData]:
     """Split ``train`` into ``num_clients`` clients, each with its own train and eval part.
 
-    ``partition``: ``iid`` (seeded shuffle, equal shards), ``dirichlet`` (label skew:
-    for each class ``c``, the clients' shares ``p_c ~ Dir(alpha * 1_K)``, Hsu et al. 2019,
-    "Measuring the effects of non-identical data distribution"; smaller alpha, more
-    skew), ``natural`` (one client per distinct value of ``train.groups``, in sorted
-    order) or ``imbalanced`` (see ``ImbalancedPartitioner``). Each client's partition is then split at random into
-    eval (``round(eval_fraction * size)``, at least 1 if the partition has 2 rows or
-    more) and train. The same ``seed`` gives the same clients.
+    ``partition``: ``iid`` (equal shards), ``dirichlet`` (label skew: for each class
+    ``c``, the clients' shares ``p_c ~ Dir(alpha * 1_K)``, Hsu et al. 2019, "Measuring
+    the effects of non-identical data distribution"; smaller alpha, more skew),
+    ``natural`` (one client per distinct value of ``train.groups``, in sorted order) or
+    ``imbalanced`` (see ``ImbalancedPartitioner``). Every partitioner sees the rows in a
+    seeded random order, never file order, so a sorted source file does not skew the
+    clients. Each client's partition is then split at random into eval
+    (``round(eval_fraction * size)``, at least 1 if the partition has 2 rows or more) and
+    train. The same ``seed`` gives the same clients. ``max_eval_examples`` caps each
+    client's eval split (the rest trains): per-client evaluation of every round then costs
+    a bounded time however large the clients are.
     """
     if partition not in PARTITIONS:
         known = ", ".join(PARTITIONS)
@@ -170,6 +175,8 @@ def partition_clients(
         n_eval = 0
         if eval_fraction > 0 and len(rows) >= 2:
             n_eval = min(len(rows) - 1, max(1, round(eval_fraction * len(rows))))
+            if max_eval_examples is not None:
+                n_eval = min(n_eval, max_eval_examples)
         order = np.random.default_rng([seed, client_id]).permutation(len(rows))
         eval_rows = [rows[i] for i in order[:n_eval]]
         train_rows = [rows[i] for i in order[n_eval:]]
@@ -200,17 +207,24 @@ def _partition_indices(
     seed: int,
     described: str,
 ) -> list[list[int]]:
-    """Row indices of ``train`` per client, from the flwr-datasets partitioner."""
+    """Row indices of ``train`` per client, from the flwr-datasets partitioner.
+
+    The rows are shuffled (by ``seed``) before any partitioner sees them: flwr's
+    partitioners cut in the order they are given (``IidPartitioner`` contiguous shards,
+    ``DirichletPartitioner`` a contiguous block of each class per client), so a file
+    sorted by date, source or length would otherwise become a hidden feature skew.
+    """
     n = len(train)
     # flwr redraws the Dirichlet shares (at most 10 times) until every client holds
     # min_size rows: at least one, up to 10 when the data makes that easy.
     min_size = min(10, max(1, n // (2 * num_clients)))
-    columns: dict[str, list[int] | list[str]] = {"idx": list(range(n)), "label": train.labels}
+    order = np.random.default_rng(seed).permutation(n).tolist()
+    columns: dict[str, list[int] | list[str]] = {
+        "idx": order,
+        "label": [train.labels[i] for i in order],
+    }
     partitioner: Partitioner
     if partition == "iid":
-        # IidPartitioner cuts contiguous shards without shuffling: shuffle the rows first.
-        order = np.random.default_rng(seed).permutation(n).tolist()
-        columns = {"idx": order, "label": [train.labels[i] for i in order]}
         partitioner = IidPartitioner(num_partitions=num_clients)
     elif partition == "dirichlet":
         partitioner = DirichletPartitioner(
@@ -232,7 +246,7 @@ def _partition_indices(
                 f"partition 'natural' makes one client per group: the data has {len(groups)} "
                 f"groups ({shown}), but num_clients={num_clients}"
             )
-        columns["group"] = train.groups
+        columns["group"] = [train.groups[i] for i in order]
         partitioner = NaturalIdPartitioner(partition_by="group")
     else:
         partitioner = ImbalancedPartitioner(

@@ -6,8 +6,10 @@ Every loader ends in the same two values: a ``TextExamples`` per split and a
 
 from __future__ import annotations
 
+import codecs
 import csv
 import importlib.util
+import io
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -120,6 +122,7 @@ def load_text_dataset(
     group_column: str | None = None,
     max_train_examples: int | None = None,
     max_test_examples: int | None = None,
+    encoding: str = "utf-8",
 ) -> TextDataset:
     """Load a labelled text data set by name or path.
 
@@ -134,6 +137,10 @@ def load_text_dataset(
     ``train.*``, and a GLUE folder without ``train.tsv`` (the offline QNLI has only
     ``dev.tsv``: its dev set is split into train and test). ``max_*_examples`` then take
     a seeded subsample of each split with the same label proportions.
+
+    ``encoding`` is the text encoding of every file read from disk (the user's files and
+    local GLUE / AG News copies; see :func:`read_text`). The packaged BBC News corpus and
+    the hub ignore it.
     """
     if not 0.0 < test_fraction < 1.0:
         raise FedLoraError(
@@ -148,14 +155,20 @@ def load_text_dataset(
     if key == "bbc-news":
         raw = _bbc_news()
     elif key in _GLUE:
-        raw = _glue(key, data_dir)
+        raw = _glue(key, data_dir, encoding=encoding)
     elif key == "ag_news":
-        raw = _ag_news(data_dir)
+        raw = _ag_news(data_dir, encoding=encoding)
     else:
         path = _user_path(name, data_dir)
         named = path.resolve().parent if path.stem == "train" else path.resolve()
         key = named.stem if named.is_file() else named.name
-        raw = _files(path, text=text_column or "text", pair=text_pair_column, label=label_column)
+        raw = _files(
+            path,
+            text=text_column or "text",
+            pair=text_pair_column,
+            label=label_column,
+            encoding=encoding,
+        )
 
     def build(table: Columns, source: str) -> TextExamples:
         return _examples(table, raw, source=source, group=group_column)
@@ -200,7 +213,7 @@ def _bbc_news() -> _Raw:
     return _Raw(label_names=topics, train=(table, str(root)), test=None, text="text")
 
 
-def _glue(task: str, data_dir: str | None) -> _Raw:
+def _glue(task: str, data_dir: str | None, *, encoding: str) -> _Raw:
     spec = _GLUE[task]
     if data_dir is None:
         text, pair, eval_split = spec.hub
@@ -209,25 +222,27 @@ def _glue(task: str, data_dir: str | None) -> _Raw:
     folder = Path(data_dir) / spec.folder
     folder = _first([folder, Path(data_dir) / "glue" / spec.folder]) or folder
     dev_path, train_path = folder / spec.dev_file, folder / "train.tsv"
-    dev = (_read_table(dev_path), str(dev_path))
+    dev = (_read_table(dev_path, encoding=encoding), str(dev_path))
     raw = _Raw(list(spec.labels), dev, None, text=spec.text, pair=spec.pair, label=spec.label)
     if not train_path.is_file():  # the offline QNLI: its dev set is split into train and test
         return raw
-    return replace(raw, train=(_read_table(train_path), str(train_path)), test=dev)
+    train = (_read_table(train_path, encoding=encoding), str(train_path))
+    return replace(raw, train=train, test=dev)
 
 
-def _ag_news(data_dir: str | None) -> _Raw:
+def _ag_news(data_dir: str | None, *, encoding: str) -> _Raw:
     if data_dir is None:
         train, test = _from_hub(("ag_news",), ("train", "test"))
     else:
         folder = _first([Path(data_dir) / "agnews"]) or Path(data_dir)
         dev, test_path = folder / "dev.tsv", folder / "test.tsv"
-        train = (_read_table(dev, header=("text", "label")), str(dev))
-        test = (_read_table(test_path, header=("text", "label")), str(test_path))
+        header = ("text", "label")
+        train = (_read_table(dev, header=header, encoding=encoding), str(dev))
+        test = (_read_table(test_path, header=header, encoding=encoding), str(test_path))
     return _Raw(label_names=_AG_NEWS_LABELS, train=train, test=test, text="text")
 
 
-def _files(path: Path, *, text: str, pair: str | None, label: str) -> _Raw:
+def _files(path: Path, *, text: str, pair: str | None, label: str, encoding: str) -> _Raw:
     folder = path if path.is_dir() else path.parent
     train_path = _first(path / f"train{x}" for x in _FILE_SUFFIXES) if path.is_dir() else path
     if train_path is None:
@@ -235,8 +250,10 @@ def _files(path: Path, *, text: str, pair: str | None, label: str) -> _Raw:
     test_path = None
     if train_path.stem == "train":  # a train.* file's eval split is its dev.* or test.* sibling
         test_path = _first(folder / f"{s}{x}" for s in ("dev", "test") for x in _FILE_SUFFIXES)
-    train = (_read_table(train_path), str(train_path))
-    test = None if test_path is None else (_read_table(test_path), str(test_path))
+    train = (_read_table(train_path, encoding=encoding), str(train_path))
+    test = None
+    if test_path is not None:
+        test = (_read_table(test_path, encoding=encoding), str(test_path))
     values: set[str] = set()
     for table, source in filter(None, (train, test)):
         if label not in table:
@@ -292,14 +309,48 @@ def _first(candidates: Iterable[Path]) -> Path | None:
     return next((c for c in candidates if c.exists()), None)
 
 
-def _read_table(path: Path, *, header: Sequence[str] | None = None) -> Columns:
+def read_text(path: Path, encoding: str = "utf-8") -> str:
+    """The whole file ``path`` decoded with ``encoding`` (config key ``encoding``).
+
+    Decoded in one piece, so a bad byte is reported at its offset in the file (a text
+    stream reports it within an 8 KiB chunk) with the key that fixes it. A UTF-8 byte
+    order mark is dropped: Excel writes one, and it would otherwise stick to the first
+    column's name.
+    """
+    data = path.read_bytes()
+    try:
+        utf8 = codecs.lookup(encoding).name == "utf-8"
+    except LookupError:
+        raise FedLoraError(
+            f"encoding must name a text encoding (e.g. utf-8, latin-1, cp1252), got {encoding!r}"
+        ) from None
+    skip = len(codecs.BOM_UTF8) if utf8 and data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[skip:].decode(encoding)
+    except LookupError:  # a bytes-to-bytes codec such as rot13
+        raise FedLoraError(f"encoding {encoding!r} is not a text encoding") from None
+    except UnicodeDecodeError as exc:
+        offset = skip + exc.start
+        line = data.count(b"\n", 0, offset) + 1
+        guess = "utf-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "latin-1"
+        raise FedLoraError(
+            f"{path} is not valid {encoding} text (byte 0x{data[offset]:02x} at offset "
+            f"{offset}, line {line}); set encoding=<its encoding>, e.g. encoding={guess}"
+        ) from None
+
+
+def _read_table(
+    path: Path, *, header: Sequence[str] | None = None, encoding: str = "utf-8"
+) -> Columns:
     """Columns of a .csv, .tsv (GLUE quoting: none) or .jsonl file; ``header`` names the
     columns of a file without a header row."""
     if not path.is_file():
         raise FedLoraError(f"data file not found: {path}")
     fieldnames = None if header is None else list(header)
+    text = read_text(path, encoding)
     try:
-        with path.open(encoding="utf-8", newline="") as f:
+        # newline="": csv sees the file's own line ends, as from open(..., newline="").
+        with io.StringIO(text, newline="") as f:
             if path.suffix.lower() == ".jsonl":
                 rows = [json.loads(line) for line in f if line.strip()]
                 if not all(isinstance(row, dict) for row in rows):
@@ -312,7 +363,7 @@ def _read_table(path: Path, *, header: Sequence[str] | None = None) -> Columns:
                     reader = csv.DictReader(f, fieldnames)
                 rows = list(reader)
                 fields = list(reader.fieldnames or [])
-    except (UnicodeDecodeError, csv.Error, json.JSONDecodeError) as exc:
+    except (csv.Error, json.JSONDecodeError) as exc:
         raise FedLoraError(f"could not parse {path}: {exc}") from exc
     if not fields:
         raise FedLoraError(f"empty data file: {path}")

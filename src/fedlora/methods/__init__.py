@@ -1,7 +1,8 @@
 """Federated LoRA methods by name.
 
-Add a method: a class with ``plan`` / ``aggregate`` / ``state_dict`` / ``load_state_dict``
-(see :mod:`fedlora.methods.base`) and one entry in :data:`METHODS`.
+Add a method: a subclass of :class:`~fedlora.methods.base.LoRAMethod` that overrides what
+differs (``aggregate`` always; ``plan``, ``client_start``, ``state_dict`` where needed) and
+one entry in :data:`METHODS`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from fedlora.errors import FedLoraError
-from fedlora.methods.base import Aggregate, Method
+from fedlora.methods.base import Aggregate, LoRAMethod
 from fedlora.methods.centralized import Centralized
 from fedlora.methods.fedavg import FedAvgLoRA
 from fedlora.methods.fedex import FedExLoRA
@@ -29,32 +30,65 @@ def _head(cfg: Config) -> bool:
     return cfg.head == "train" and cfg.task == "classification"
 
 
-METHODS: dict[str, Callable[[Config], Method]] = {
+def _schedule(cfg: Config) -> Schedule:
+    phases: list[tuple[LoRAMethod, int | None]] = []
+    end = 0  # the last round of the phase being built
+    specs = cfg.schedule or []
+    for i, spec in enumerate(specs):
+        end += spec.rounds or 0
+        freezes_A_next = i + 1 < len(specs) and specs[i + 1].method == "ffa"
+        if spec.method == "fra":
+            # the round that hands A to FFA-LoRA gives it A at its initial scale
+            method: LoRAMethod = FRALoRA(
+                rank=cfg.rank,
+                seed=cfg.seed,
+                hand_over_round=end if freezes_A_next else None,
+                train_head=_head(cfg),
+            )
+        else:
+            method = build_method(spec.method, cfg)
+        phases.append((method, spec.rounds))
+    return Schedule(phases)
+
+
+METHODS: dict[str, Callable[[Config], LoRAMethod]] = {
     "fedavg": lambda cfg: FedAvgLoRA(train_head=_head(cfg)),
     "ffa": lambda cfg: FFALoRA(train_head=_head(cfg)),
     "rolora": lambda cfg: RoLoRA(train_head=_head(cfg)),
-    "fra": lambda cfg: FRALoRA(rank=cfg.rank, train_head=_head(cfg)),
+    "fra": lambda cfg: FRALoRA(rank=cfg.rank, seed=cfg.seed, train_head=_head(cfg)),
     "fedex": lambda cfg: FedExLoRA(train_head=_head(cfg)),
     "flora": lambda cfg: FLoRA(
-        client_ranks=cfg.client_ranks,
-        rank=cfg.rank,
-        alpha=cfg.alpha,
-        seed=cfg.seed,
-        train_head=_head(cfg),
+        client_ranks=cfg.client_ranks, rank=cfg.rank, seed=cfg.seed, train_head=_head(cfg)
     ),
     "centralized": lambda cfg: Centralized(train_head=_head(cfg)),
-    "schedule": lambda cfg: Schedule(
-        [(build_method(p.method, cfg), p.rounds) for p in cfg.schedule or []]
-    ),
+    "schedule": _schedule,
 }
 METHOD_NAMES = tuple(METHODS)
 
 
-def build_method(name: str, cfg: Config) -> Method:
+def with_method_defaults(cfg: Config) -> Config:
+    """``cfg`` with every per-method default filled in (``lr=null``: the method's
+    ``default_lr``), so that what ``config.yaml`` records is what ran."""
+    if cfg.lr is None:
+        cfg = cfg.replace(lr=build_method(cfg.method, cfg).default_lr)
+    return cfg
+
+
+def build_method(name: str, cfg: Config) -> LoRAMethod:
     """A fresh method object (its state at round 0) for ``cfg``."""
     if name not in METHODS:
         raise FedLoraError(f"unknown method '{name}' (known: {', '.join(METHOD_NAMES)})")
     return METHODS[name](cfg)
 
 
-__all__ = ["Aggregate", "Method", "METHODS", "METHOD_NAMES", "build_method"]
+Method = LoRAMethod  # the name the runtimes use
+
+__all__ = [
+    "Aggregate",
+    "LoRAMethod",
+    "Method",
+    "METHODS",
+    "METHOD_NAMES",
+    "build_method",
+    "with_method_defaults",
+]

@@ -1,21 +1,25 @@
 """What a federated LoRA method is: two questions and explicit state.
 
-A method answers (1) what do the sampled clients train this round (:meth:`Method.plan`,
+A method answers (1) what do the sampled clients train this round (:meth:`LoRAMethod.plan`,
 Flower's ``configure_train``) and (2) how are their replies combined
-(:meth:`Method.aggregate`, Flower's ``aggregate_train``). Anything that must survive a
-round (RoLoRA's phase, a schedule's switch) lives in :meth:`Method.state_dict`.
+(:meth:`LoRAMethod.aggregate`, Flower's ``aggregate_train``). Anything that must survive a
+round (RoLoRA's phase, a schedule's switch) lives in :meth:`LoRAMethod.state_dict`.
 Methods never touch PEFT, modules or devices: they map messages to messages.
+
+:class:`LoRAMethod` declares every hook a runtime may use, with its default, so a method
+file holds only what differs and no runtime probes a method with ``getattr``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
-from fedlora.messages import AdapterState, ClientUpdate, RoundPlan
+from fedlora import aggregation
+from fedlora.messages import AdapterState, ClientUpdate, Factor, RoundPlan
 
 
 @dataclass(frozen=True)
@@ -24,23 +28,65 @@ class Aggregate:
 
     ``base_delta`` holds per-layer dense increments (shape ``(out, in)``, already including
     the LoRA ``scaling``) that every client folds into its frozen weight (FedEx-LoRA's
-    residual); empty for methods whose result is all in the factors. ``agg_error`` is the
-    per-layer relative aggregation error (0.0 for exact methods). ``delta_bytes`` is what
+    residual); empty for methods whose result is all in the factors. ``delta_bytes`` is what
     delivering ``base_delta`` costs per client on the wire, in the form the method would
     send it (a dense residual, or stacked factors): it is counted in the next round's
-    download on top of the adapter state.
+    download on top of the adapter state. ``diagnostics`` holds a method's own per-layer
+    figures under their own names (FRA-LoRA's ``fra_discarded_energy``); the aggregation
+    error that every method reports is computed from the result by :func:`update_error`.
     """
 
     state: AdapterState
     base_delta: Mapping[str, torch.Tensor] = field(default_factory=dict)
-    agg_error: Mapping[str, float] = field(default_factory=dict)
     delta_bytes: int = 0
+    diagnostics: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
 
-class Method(Protocol):
-    name: str
+class LoRAMethod:
+    """Base of every method: the defaults of each hook a runtime may call.
 
-    def plan(self, round: int) -> RoundPlan: ...
+    Attributes:
+        name: the ``method=`` name.
+        trained: what clients train in every round (a method whose plan changes overrides
+            :meth:`plan`).
+        pools_clients: the runtime pools every client's data on one trainer (centralized).
+        keeps_optimizer: the client's optimizer state carries over from round to round
+            (one ordinary training run: the centralized baseline). Federated clients build
+            a fresh optimizer every round.
+        paper_weighting: the client weights of the method's paper (``weighting=method``):
+            ``num_examples`` (FedAvg's ``n_k / n``) or ``uniform`` (``1 / K``); see
+            ``docs/configuration.md`` for what each paper states.
+        default_lr: the learning rate of ``lr=null`` (the default), chosen from measured runs
+            (``docs/configuration.md``, "Defaults").
+        period: rounds after which the method's plan repeats (RoLoRA: 2, a ``B`` and an
+            ``A`` round); an ``eval_every`` that is a multiple of it sees one phase only.
+    """
+
+    name: str = ""
+    trained: Factor = "AB"
+    pools_clients: bool = False
+    keeps_optimizer: bool = False
+    paper_weighting: str = "num_examples"
+    period: int = 1
+    default_lr: float = 3e-3
+
+    def __init__(self, *, train_head: bool = True) -> None:
+        self.train_head = train_head
+
+    @property
+    def label(self) -> str:
+        """How logs and plots name the method (a schedule lists its phases)."""
+        return self.name
+
+    def plan(self, round: int) -> RoundPlan:
+        return RoundPlan(
+            round=round, trained=self.trained, train_head=self.train_head, method=self.name
+        )
+
+    def client_start(self, state: AdapterState, *, client_id: int, plan: RoundPlan) -> AdapterState:
+        """The adapter client ``client_id`` starts from: the global one, unless the method
+        restarts clients from their own (FLoRA)."""
+        return state
 
     def aggregate(
         self,
@@ -50,29 +96,14 @@ class Method(Protocol):
         updates: Sequence[ClientUpdate],
         weights: Sequence[float],
         scaling: Mapping[str, float],
-    ) -> Aggregate: ...
+    ) -> Aggregate:
+        raise NotImplementedError
 
-    def state_dict(self) -> dict[str, Any]: ...
+    def state_dict(self) -> dict[str, Any]:
+        return {}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
-
-
-class PerClientStart(Protocol):
-    """Optional: a method whose clients do not all start from the global adapter
-    (FLoRA: each client restarts a fresh adapter at its own rank)."""
-
-    def client_start(
-        self, state: AdapterState, *, client_id: int, plan: RoundPlan
-    ) -> AdapterState: ...
-
-
-def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """``sum_k w_k t_k / sum_k w_k`` (the head and any other plainly averaged tensor)."""
-    total = float(sum(weights))
-    out = torch.zeros_like(tensors[0])
-    for w, t in zip(weights, tensors, strict=True):
-        out.add_(t, alpha=w / total)
-    return out
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        pass
 
 
 def aggregate_head(
@@ -81,8 +112,54 @@ def aggregate_head(
     """FedAvg of the classifier head when clients trained it; else the head unchanged."""
     if not updates or not updates[0].head:
         return dict(state.head)
-    return {name: weighted_mean([u.head[name] for u in updates], weights) for name in state.head}
+    return {
+        name: aggregation.weighted_mean([u.head[name] for u in updates], weights)
+        for name in state.head
+    }
 
 
-def uniform_zero_error(state: AdapterState) -> dict[str, float]:
-    return dict.fromkeys(state.A, 0.0)
+def client_weights(
+    updates: Sequence[ClientUpdate], weighting: str, method: LoRAMethod
+) -> list[float]:
+    """Each reply's weight in the average: its example count, or 1 (``weighting``;
+    ``method`` takes the method's paper convention, :attr:`LoRAMethod.paper_weighting`)."""
+    rule = method.paper_weighting if weighting == "method" else weighting
+    return [float(u.num_examples) if rule == "num_examples" else 1.0 for u in updates]
+
+
+def update_error(
+    *,
+    before: AdapterState,
+    starts: Mapping[int, AdapterState] | None = None,
+    updates: Sequence[ClientUpdate],
+    weights: Sequence[float],
+    scaling: Mapping[str, float],
+    result: Aggregate,
+) -> dict[str, float]:
+    """Per layer, ``||M - X||_F / ||M||_F`` (:func:`fedlora.aggregation.relative_update_error`).
+
+    ``M = sum_k w_k s_k B_k A_k`` is the exact mean of the clients' products, a factor a
+    client did not train being the one it started from (``starts[client]``, default
+    ``before``), ``s_k`` the scaling its adapter had (``ClientUpdate.scaling``, default the
+    global ``scaling``); ``X = s B A + base_delta`` is what the model holds after the round.
+    The same quantity for every method, computed from the result rather than claimed by it.
+    """
+    errors: dict[str, float] = {}
+    for layer in before.A:
+        As, Bs, scalings = [], [], []
+        for u in updates:
+            start = (starts or {}).get(u.client_id, before)
+            As.append(u.A[layer] if layer in u.A else start.A[layer])
+            Bs.append(u.B[layer] if layer in u.B else start.B[layer])
+            scalings.append(u.scaling.get(layer, scaling[layer]))
+        errors[layer] = aggregation.relative_update_error(
+            As,
+            Bs,
+            weights,
+            scalings=scalings,
+            A=result.state.A[layer],
+            B=result.state.B[layer],
+            scaling=scaling[layer],
+            folded=result.base_delta.get(layer),
+        )
+    return errors

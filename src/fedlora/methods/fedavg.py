@@ -2,29 +2,23 @@
 
 Zhang et al., "Towards Building the Federated GPT: Federated Instruction Tuning" (FedIT),
 arXiv 2305.05644. The server computes ``A = sum_k w_k A_k`` and ``B = sum_k w_k B_k``;
-the resulting update ``B A`` differs from the mean update ``M = sum_k w_k B_k A_k``
-by the cross terms, which :func:`fedlora.aggregation.fedavg_error` reports as
-``||M - B A||_F / ||M||_F`` (the error the FRA-LoRA paper decomposes).
+the resulting update ``s B A`` differs from the mean update ``M = sum_k w_k s B_k A_k``
+by the cross terms, which every round's ``agg_error`` reports as
+``||M - s B A||_F / ||M||_F`` (:func:`fedlora.methods.base.update_error`; the error the
+FRA-LoRA paper decomposes).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 from fedlora import aggregation
 from fedlora.messages import AdapterState, ClientUpdate, RoundPlan
-from fedlora.methods.base import Aggregate, aggregate_head
+from fedlora.methods.base import Aggregate, LoRAMethod, aggregate_head
 
 
-class FedAvgLoRA:
+class FedAvgLoRA(LoRAMethod):
     name = "fedavg"
-
-    def __init__(self, *, train_head: bool = True) -> None:
-        self.train_head = train_head
-
-    def plan(self, round: int) -> RoundPlan:
-        return RoundPlan(round=round, trained="AB", train_head=self.train_head, method=self.name)
 
     def aggregate(
         self,
@@ -35,17 +29,10 @@ class FedAvgLoRA:
         weights: Sequence[float],
         scaling: Mapping[str, float],
     ) -> Aggregate:
-        new_A, new_B, errors = {}, {}, {}
+        new_A, new_B = {}, {}
         for layer in state.A:
             As = [u.A[layer] for u in updates]
             Bs = [u.B[layer] for u in updates]
             new_A[layer], new_B[layer] = aggregation.fedavg(As, Bs, weights)
-            errors[layer] = aggregation.fedavg_error(As, Bs, weights)
         head = aggregate_head(state, updates, weights)
-        return Aggregate(state=AdapterState(A=new_A, B=new_B, head=head), agg_error=errors)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        pass
+        return Aggregate(state=AdapterState(A=new_A, B=new_B, head=head))

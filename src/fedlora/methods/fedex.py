@@ -10,27 +10,23 @@ and every client sets ``W0 <- W0 + s R`` (``s`` the LoRA scaling), so that its e
 weight ``W0 + s B A`` equals ``W0_prev + s sum_k w_k B_k A_k`` exactly. The residual is
 dense (``out x in`` per layer): delivering it costs a full-size matrix per layer per round,
 counted in the download. :class:`~fedlora.models.adapter.PeftAdapter` folds it with the
-orientation right for ``nn.Linear`` and GPT-2's ``Conv1D``.
+orientation right for ``nn.Linear`` and GPT-2's ``Conv1D``. The paper's code averages
+uniformly over clients (``mean(0)`` over clients in its ``fed_agg.py``): its
+``paper_weighting`` is ``uniform``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 from fedlora import aggregation
 from fedlora.messages import AdapterState, ClientUpdate, RoundPlan, tensor_bytes
-from fedlora.methods.base import Aggregate, aggregate_head, uniform_zero_error
+from fedlora.methods.base import Aggregate, LoRAMethod, aggregate_head
 
 
-class FedExLoRA:
+class FedExLoRA(LoRAMethod):
     name = "fedex"
-
-    def __init__(self, *, train_head: bool = True) -> None:
-        self.train_head = train_head
-
-    def plan(self, round: int) -> RoundPlan:
-        return RoundPlan(round=round, trained="AB", train_head=self.train_head, method=self.name)
+    paper_weighting = "uniform"
 
     def aggregate(
         self,
@@ -51,12 +47,5 @@ class FedExLoRA:
         return Aggregate(
             state=AdapterState(A=new_A, B=new_B, head=head),
             base_delta=delta,
-            agg_error=uniform_zero_error(state),
             delta_bytes=tensor_bytes(delta.values()),
         )
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        pass

@@ -8,20 +8,15 @@ aggregation is exact and each client uploads one factor per layer.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
+from fedlora import aggregation
 from fedlora.messages import AdapterState, ClientUpdate, RoundPlan
-from fedlora.methods.base import Aggregate, aggregate_head, uniform_zero_error, weighted_mean
+from fedlora.methods.base import Aggregate, LoRAMethod, aggregate_head
 
 
-class FFALoRA:
+class FFALoRA(LoRAMethod):
     name = "ffa"
-
-    def __init__(self, *, train_head: bool = True) -> None:
-        self.train_head = train_head
-
-    def plan(self, round: int) -> RoundPlan:
-        return RoundPlan(round=round, trained="B", train_head=self.train_head, method=self.name)
+    trained = "B"
 
     def aggregate(
         self,
@@ -32,13 +27,9 @@ class FFALoRA:
         weights: Sequence[float],
         scaling: Mapping[str, float],
     ) -> Aggregate:
-        new_B = {layer: weighted_mean([u.B[layer] for u in updates], weights) for layer in state.B}
+        new_B = {
+            layer: aggregation.weighted_mean([u.B[layer] for u in updates], weights)
+            for layer in state.B
+        }
         head = aggregate_head(state, updates, weights)
-        new_state = AdapterState(A=dict(state.A), B=new_B, head=head)
-        return Aggregate(state=new_state, agg_error=uniform_zero_error(state))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        pass
+        return Aggregate(state=AdapterState(A=dict(state.A), B=new_B, head=head))

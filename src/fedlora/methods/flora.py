@@ -13,19 +13,26 @@ it, seeded by ``(seed, round, client)``), ``B_k = 0``. This is the paper's choic
 than truncating the stack to each client's rank with FRA): it is exact, and its cost is
 the merge, a dense ``out x in`` add per layer per round on each client, plus a download of
 ``sum_k r_k (out + in)`` numbers per layer.
+
+``s_k`` is the scaling client ``k``'s adapter actually had, as PEFT set it and the client
+reported it (``ClientUpdate.scaling``), never recomputed here. With ``client_alpha=fixed``
+every client has the same ``alpha``, so ``s_k = alpha / r_k`` and a rank-2 client's
+factors weigh 4x a rank-8 client's; ``client_alpha=proportional`` is the FLoRA authors'
+convention (their code sets ``lora_alpha = 2 r_k``): ``alpha_k = alpha r_k / rank``, so
+every client has the scaling ``alpha / rank`` whatever its rank. The weights ``w_k`` are
+the authors' ``p_k = n_k / n`` with ``weighting=num_examples``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import torch
 
 from fedlora import aggregation
 from fedlora.messages import AdapterState, ClientUpdate, RoundPlan, tensor_bytes
-from fedlora.methods.base import Aggregate, aggregate_head, uniform_zero_error
+from fedlora.methods.base import Aggregate, LoRAMethod, aggregate_head
 
 
 def kaiming_uniform_A(rank: int, in_features: int, *, generator: torch.Generator) -> torch.Tensor:
@@ -35,7 +42,7 @@ def kaiming_uniform_A(rank: int, in_features: int, *, generator: torch.Generator
     return (torch.rand(rank, in_features, generator=generator) * 2 - 1) * bound
 
 
-class FLoRA:
+class FLoRA(LoRAMethod):
     name = "flora"
 
     def __init__(
@@ -43,21 +50,16 @@ class FLoRA:
         *,
         client_ranks: Sequence[int] | None,
         rank: int,
-        alpha: float,
         seed: int,
         train_head: bool = True,
     ) -> None:
+        super().__init__(train_head=train_head)
         self.client_ranks = list(client_ranks) if client_ranks else None
         self.rank = rank
-        self.alpha = alpha
         self.seed = seed
-        self.train_head = train_head
 
     def rank_of(self, client_id: int) -> int:
         return self.client_ranks[client_id] if self.client_ranks else self.rank
-
-    def plan(self, round: int) -> RoundPlan:
-        return RoundPlan(round=round, trained="AB", train_head=self.train_head, method=self.name)
 
     def client_start(self, state: AdapterState, *, client_id: int, plan: RoundPlan) -> AdapterState:
         """A fresh adapter at the client's rank (all previous rounds live in the base)."""
@@ -81,8 +83,8 @@ class FLoRA:
         delta, sent = {}, 0
         for layer in state.A:
             As = [u.A[layer] for u in updates]
-            # each client's own scaling alpha / r_k, applied before stacking
-            Bs = [self.alpha / u.A[layer].shape[0] * u.B[layer] for u in updates]
+            # each client's own scaling, as its adapter had it, applied before stacking
+            Bs = [u.scaling.get(layer, scaling[layer]) * u.B[layer] for u in updates]
             A, B = aggregation.stack(As, Bs, weights)
             delta[layer] = B @ A
             sent += tensor_bytes([A, B])
@@ -91,12 +93,4 @@ class FLoRA:
         fresh = AdapterState(
             A=dict(state.A), B={k: torch.zeros_like(b) for k, b in state.B.items()}, head=head
         )
-        return Aggregate(
-            state=fresh, base_delta=delta, agg_error=uniform_zero_error(state), delta_bytes=sent
-        )
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        pass
+        return Aggregate(state=fresh, base_delta=delta, delta_bytes=sent)

@@ -4,38 +4,50 @@ Trautmann, Hales, Volk, "Aggregating Low Rank Adapters in Federated Fine-tuning"
 arXiv 2501.06332. Clients train both factors; the server forms (implicitly, through the
 factors) the average weight increment and keeps its best rank-``r`` approximation:
 
-    M = sum_k w_k s_k B_k A_k = U diag(sigma) V^T,
-    B = U_r diag(sqrt(sigma_r)) / sqrt(s),   A = diag(sqrt(sigma_r)) V_r^T / sqrt(s),
+    M = sum_k w_k s_k B_k A_k = U diag(sigma) V^T,   s B A = U_r diag(sigma_r) V_r^T,
 
-so that ``s B A`` is the truncated SVD of ``M``. ``s_k = alpha / r_k`` is each client's
-LoRA ``scaling``: it is applied before aggregating, so the SVD acts on the increments
-actually added to the weights, and divided out after (evenly between the factors, keeping
-them balanced) so that the global adapter's own scaling ``s`` reproduces ``M_r``.
+with ``s_k`` the scaling each client's adapter had (``ClientUpdate.scaling``) and ``s``
+the global adapter's. The SVD is taken of ``M / s`` (the clients' ``B_k`` weighed by
+``s_k / s``), so the factors need no rescaling afterwards. The singular values are split
+evenly (``B = U_r diag(sqrt(sigma_r / s))``, ``A = diag(sqrt(sigma_r / s)) V_r^T``), except
+in the round that hands ``A`` to a phase that freezes it (FFA-LoRA in the paper's hybrid
+schedule, ``hand_over_round``): there ``A = V_r^T / sqrt(3)``, orthogonal rows at the
+scale of PEFT's initial ``A``, and ``B`` takes all of ``sigma``. When ``rank(M) < r`` the
+missing rows of ``A`` are fresh random directions seeded by ``(seed, round)`` (their ``B``
+columns are zero, so ``B A`` is unchanged and training can still use them).
 Clients restart each round from these factors with a fresh optimizer (as in every
 method here), so no optimizer moment refers to the replaced factors.
-``agg_error`` is the truncation error ``sum_{i>r} sigma_i^2 / sum_i sigma_i^2``.
+``diagnostics["fra_discarded_energy"]`` is ``sum_{i>r} sigma_i^2 / sum_i sigma_i^2``;
+``agg_error`` (every method's unit) is its square root.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+
+import torch
 
 from fedlora import aggregation
+from fedlora.aggregation.fra import init_row_norm
 from fedlora.messages import AdapterState, ClientUpdate, RoundPlan
-from fedlora.methods.base import Aggregate, aggregate_head
+from fedlora.methods.base import Aggregate, LoRAMethod, aggregate_head
 
 
-class FRALoRA:
+class FRALoRA(LoRAMethod):
     name = "fra"
 
-    def __init__(self, *, rank: int, train_head: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        rank: int,
+        seed: int = 0,
+        hand_over_round: int | None = None,
+        train_head: bool = True,
+    ) -> None:
+        super().__init__(train_head=train_head)
         self.rank = rank
-        self.train_head = train_head
-
-    def plan(self, round: int) -> RoundPlan:
-        return RoundPlan(round=round, trained="AB", train_head=self.train_head, method=self.name)
+        self.seed = seed
+        self.hand_over_round = hand_over_round
 
     def aggregate(
         self,
@@ -46,19 +58,18 @@ class FRALoRA:
         weights: Sequence[float],
         scaling: Mapping[str, float],
     ) -> Aggregate:
-        new_A, new_B, errors = {}, {}, {}
+        new_A, new_B, discarded = {}, {}, {}
+        row_norm = init_row_norm() if plan.round == self.hand_over_round else None
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + plan.round * 10_007)
         for layer in state.A:
             s = scaling[layer]
             As = [u.A[layer] for u in updates]
-            Bs = [s * u.B[layer] for u in updates]
-            A, B, errors[layer] = aggregation.fra_with_error(As, Bs, weights, rank=self.rank)
-            root = math.sqrt(s)
-            new_A[layer], new_B[layer] = A / root, B / root
+            Bs = [u.scaling.get(layer, s) / s * u.B[layer] for u in updates]
+            new_A[layer], new_B[layer], discarded[layer] = aggregation.fra_with_error(
+                As, Bs, weights, rank=self.rank, a_row_norm=row_norm, generator=generator
+            )
         head = aggregate_head(state, updates, weights)
-        return Aggregate(state=AdapterState(A=new_A, B=new_B, head=head), agg_error=errors)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        pass
+        return Aggregate(
+            state=AdapterState(A=new_A, B=new_B, head=head),
+            diagnostics={"fra_discarded_energy": discarded},
+        )

@@ -15,16 +15,18 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from fedlora import aggregation
 from fedlora.errors import FedLoraError
 from fedlora.messages import AdapterState, ClientUpdate, RoundPlan
-from fedlora.methods.base import Aggregate, aggregate_head, uniform_zero_error, weighted_mean
+from fedlora.methods.base import Aggregate, LoRAMethod, aggregate_head
 
 
-class RoLoRA:
+class RoLoRA(LoRAMethod):
     name = "rolora"
+    period = 2  # a B round, then an A round
 
     def __init__(self, *, train_head: bool = True) -> None:
-        self.train_head = train_head
+        super().__init__(train_head=train_head)
         self.phase = "B"  # the factor the next round trains
 
     def plan(self, round: int) -> RoundPlan:
@@ -46,14 +48,16 @@ class RoLoRA:
     ) -> Aggregate:
         new_A, new_B = dict(state.A), dict(state.B)
         if plan.trained == "B":
-            new_B = {k: weighted_mean([u.B[k] for u in updates], weights) for k in state.B}
+            new_B = {
+                k: aggregation.weighted_mean([u.B[k] for u in updates], weights) for k in state.B
+            }
         else:
-            new_A = {k: weighted_mean([u.A[k] for u in updates], weights) for k in state.A}
+            new_A = {
+                k: aggregation.weighted_mean([u.A[k] for u in updates], weights) for k in state.A
+            }
         head = aggregate_head(state, updates, weights)
         self.phase = "A" if plan.trained == "B" else "B"
-        return Aggregate(
-            state=AdapterState(A=new_A, B=new_B, head=head), agg_error=uniform_zero_error(state)
-        )
+        return Aggregate(state=AdapterState(A=new_A, B=new_B, head=head))
 
     def state_dict(self) -> dict[str, Any]:
         return {"phase": self.phase}

@@ -10,7 +10,8 @@ In the config::
       - {method: ffa}            # the last phase runs to the end
 
 A phase continues from the global adapter the previous phase left (FFA-LoRA then keeps
-the ``A`` that FRA produced frozen). Which phase is active, and how many of its rounds
+the ``A`` that FRA produced frozen: the FRA phase's last round factorises with ``A`` at
+PEFT's initial scale, see :class:`~fedlora.methods.fra.FRALoRA`). Which phase is active, and how many of its rounds
 have run, is part of :meth:`state_dict`, with each phase's own state.
 """
 
@@ -20,13 +21,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fedlora.messages import AdapterState, ClientUpdate, RoundPlan
-from fedlora.methods.base import Aggregate, Method
+from fedlora.methods.base import Aggregate, LoRAMethod
 
 
-class Schedule:
+class Schedule(LoRAMethod):
     name = "schedule"
 
-    def __init__(self, phases: Sequence[tuple[Method, int | None]]) -> None:
+    def __init__(self, phases: Sequence[tuple[LoRAMethod, int | None]]) -> None:
+        super().__init__()
         self.phases = list(phases)
         self.index = 0
         self.rounds_in_phase = 0
@@ -36,7 +38,20 @@ class Schedule:
         return ">".join(f"{m.name}:{n}" if n else m.name for m, n in self.phases)
 
     @property
-    def current(self) -> Method:
+    def paper_weighting(self) -> str:  # type: ignore[override]
+        return self.current.paper_weighting
+
+    @property
+    def default_lr(self) -> float:  # type: ignore[override]
+        return self.phases[0][0].default_lr
+
+    @property
+    def period(self) -> int:  # type: ignore[override]
+        periods = [m.period for m, _ in self.phases]
+        return max(periods)
+
+    @property
+    def current(self) -> LoRAMethod:
         return self.phases[self.index][0]
 
     def plan(self, round: int) -> RoundPlan:

@@ -25,8 +25,9 @@ _PREFIX = "base_model.model."
 class PeftAdapter:
     """A PEFT LoRA model seen as a set of named factors that can be swapped in and out."""
 
-    def __init__(self, peft_model: Any) -> None:
+    def __init__(self, peft_model: Any, *, client_alpha: str = "fixed") -> None:
         self.model = peft_model
+        self.client_alpha = client_alpha
         self.adapter_name = "default"
         self.lora_layers: dict[str, LoraLayer] = {
             name.removeprefix(_PREFIX): module
@@ -49,11 +50,18 @@ class PeftAdapter:
         """Activate the adapter of rank ``rank``, adding one (PEFT ``add_adapter``) if needed.
 
         Clients of different ranks (FLoRA) share the one base model: each rank gets its own
-        named PEFT adapter, and only the active one takes part in the forward pass.
+        named PEFT adapter, and only the active one takes part in the forward pass. Its
+        ``lora_alpha`` is the global one (``client_alpha=fixed``: scaling ``alpha / rank``)
+        or scaled with the rank (``proportional``: ``alpha * rank / r``, so the scaling is
+        the global adapter's ``alpha / r`` at every rank, the FLoRA authors' convention).
         """
         if rank not in self.rank_adapters:
             name = f"rank{rank}"
-            config = dataclasses.replace(self.model.peft_config["default"], r=rank)
+            default = self.model.peft_config["default"]
+            alpha = default.lora_alpha
+            if self.client_alpha == "proportional":
+                alpha = default.lora_alpha * rank / self.rank
+            config = dataclasses.replace(default, r=rank, lora_alpha=alpha)
             self.model.add_adapter(name, config)
             self.rank_adapters[rank] = name
         name = self.rank_adapters[rank]

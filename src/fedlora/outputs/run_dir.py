@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fedlora.config import Config, dump_config
@@ -36,6 +37,19 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def best_row(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+    """The evaluated round of highest accuracy after training started.
+
+    Round 0 is the untrained model: it stays in the metrics as the baseline but is never
+    "best" (a run that does not learn would otherwise report its starting accuracy).
+    Raises FedLoraError when no round after 0 was evaluated.
+    """
+    trained = [r for r in rows if r["round"] > 0 and r.get("accuracy") is not None]
+    if not trained:
+        raise FedLoraError("no round after round 0 was evaluated: no best accuracy")
+    return max(trained, key=lambda r: r["accuracy"])
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
@@ -43,10 +57,21 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _holds_results(path: Path) -> bool:
+    """Anything but what a run that stopped before its first metrics row leaves behind
+    (its ``config.yaml`` and an empty ``metrics.jsonl``: e.g. a bad data file), which a
+    rerun under the same name may replace."""
+    entries = {p.name for p in path.iterdir()}
+    if not entries <= {"config.yaml", "metrics.jsonl"}:
+        return True
+    metrics = path / "metrics.jsonl"
+    return metrics.is_file() and metrics.stat().st_size > 0
+
+
 class RunDir:
     def __init__(self, path: str | Path, *, overwrite: bool = False) -> None:
         self.path = Path(path)
-        if self.path.exists() and any(self.path.iterdir()):
+        if self.path.exists() and _holds_results(self.path):
             if not overwrite:
                 raise FedLoraError(
                     f"run directory {self.path} already holds results; "

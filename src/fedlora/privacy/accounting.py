@@ -121,6 +121,7 @@ class ClientPrivacy:
         batch_size: int,
         steps_per_round: int,
         accountant: str = "rdp",
+        secure_mode: bool = False,
     ) -> None:
         if num_examples < 1:
             raise FedLoraError("a client with no training examples cannot run DP-SGD")
@@ -133,6 +134,7 @@ class ClientPrivacy:
         self.sample_rate = self.expected_batch_size / num_examples
         self.steps_per_round = steps_per_round
         self.accountant_name = accountant
+        self.secure_mode = secure_mode
         self.accountant = make_accountant(accountant)
         self._epsilon_cache: dict[tuple[int, float], float] = {}
 
@@ -235,6 +237,7 @@ class FederatedPrivacy:
                 batch_size=batch_size,
                 steps_per_round=steps_per_round[k],
                 accountant=dp.accountant,
+                secure_mode=dp.secure_mode,
             )
             for k, n in num_examples.items()
         }

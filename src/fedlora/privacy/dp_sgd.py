@@ -8,7 +8,15 @@ the inner optimizer
     g = ( sum_{i in S} g_i * min(1, C / ||g_i||)  +  N(0, sigma^2 C^2 I) ) / (q n)
 
 (Abadi et al., "Deep Learning with Differential Privacy", CCS 2016; Opacus' ``DPOptimizer``
-adds ``1e-6`` to the norm). ``||g_i||`` is the norm over *all* trainable tensors together,
+adds ``1e-6`` to the norm).
+
+``dp.secure_mode`` is for deployments: Opacus' secure noise (each Gaussian draw the
+combination of four, against the floating-point attack of arXiv 2107.10138) and noise and
+sampling streams seeded from ``secrets`` (the OS entropy) instead of the config seed.
+Opacus' own ``PrivacyEngine(secure_mode=True)`` would also draw from torchcsprng's
+cryptographic generator, but torchcsprng has no release for current torch (0.2.1 needs torch
+1.8), so the streams here are torch's Mersenne Twister with an unpredictable seed: not a
+CSPRNG, but no longer derivable from ``config.yaml``. ``||g_i||`` is the norm over *all* trainable tensors together,
 so one example moves the whole trained update by at most ``C`` before noise.
 
 The in-process runtime shares one PEFT model among all clients: the model is wrapped in a
@@ -20,7 +28,9 @@ that persists.
 
 from __future__ import annotations
 
+import secrets
 import warnings
+from typing import Any
 
 import torch
 from opacus import GradSampleModule
@@ -61,6 +71,7 @@ def train_client_dp(
     client_id: int,
     seed: int,
     privacy: ClientPrivacy,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> ClientUpdate:
     """:func:`~fedlora.client.train_client` with per-example clipping, noise and accounting.
 
@@ -71,24 +82,33 @@ def train_client_dp(
     adapter.set_state(state)
     params = adapter.set_trainable(plan.trained, head=plan.train_head)
     seed_k = client_seed(seed, plan.round, client_id)
+    # Simulation: both streams follow from config.yaml, so a run can be reproduced.
+    # secure_mode (deployments): both are seeded from the operating system's entropy, so
+    # nobody holding the config can regenerate the noise and subtract it.
+    sampling_seed = secrets.randbits(63) if privacy.secure_mode else seed_k
+    noise_seed = secrets.randbits(63) if privacy.secure_mode else seed_k ^ _NOISE_STREAM
     batches = poisson_batches(
         len(data),
         steps=settings.local_steps,
         sample_rate=privacy.sample_rate,
-        generator=torch.Generator().manual_seed(seed_k),
+        generator=torch.Generator().manual_seed(sampling_seed),
     )
     torch.manual_seed(seed_k)  # dropout masks
     model = adapter.model
     wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     losses = []
     try:
+        inner = make_optimizer(params, settings)
+        if optimizer_state:
+            inner.load_state_dict(optimizer_state)
         optimizer = DPOptimizer(
-            make_optimizer(params, settings),
+            inner,
             noise_multiplier=privacy.noise_multiplier,
             max_grad_norm=privacy.max_grad_norm,
             expected_batch_size=privacy.expected_batch_size,
             loss_reduction="mean",
-            generator=torch.Generator().manual_seed(seed_k ^ _NOISE_STREAM),
+            generator=torch.Generator().manual_seed(noise_seed),
+            secure_mode=privacy.secure_mode,
         )
         optimizer.attach_step_hook(privacy.step_hook())
         wrapped.train()  # Opacus captures activations only in training mode
@@ -112,6 +132,9 @@ def train_client_dp(
     finally:
         wrapped.to_standard_module()  # removes hooks and per-sample attributes
         model.eval()
+    if optimizer_state is not None:
+        optimizer_state.clear()
+        optimizer_state.update(inner.state_dict())
     sent = adapter.get_state(plan.trained, head=plan.train_head)
     return ClientUpdate(
         client_id=client_id,
@@ -120,4 +143,6 @@ def train_client_dp(
         B=sent.B,
         head=sent.head,
         train_loss=sum(losses) / len(losses) if losses else float("nan"),
+        scaling=adapter.scaling(),
+        steps=len(batches),
     )

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from fedlora.errors import FedLoraError
-from fedlora.outputs import read_metrics
+from fedlora.outputs import best_row, read_metrics
 
 # Where or how a run was written, not what it computed.
 _IGNORED = {"seed", "output_dir", "run_name", "overwrite", "progress", "threads"}
@@ -109,7 +109,8 @@ def report_table(runs: Sequence[Run]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for ident, members in groups:
         final = [r.summary["final_accuracy"] for r in members]
-        best = [r.summary["best_accuracy"] for r in members]
+        # from the metrics, after round 0 (summaries written before that rule counted it)
+        best = [best_row(r.rows)["accuracy"] for r in members]
         upload = statistics.fmean(r.upload_per_round for r in members) / 1e6
         cells = [_cell(ident[k]) for k in varying]
         cells += [str(len(members)), mean_std(final), mean_std(best), f"{upload:.4f}"]

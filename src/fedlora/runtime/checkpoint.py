@@ -3,9 +3,10 @@
 A checkpoint is everything the next round depends on: the global adapter (factors and
 head), the frozen weights that aggregation changed (FedEx-LoRA, FLoRA fold increments into
 them), their running sum (saved with the final adapter), the method's state (RoLoRA's
-phase, a schedule's switch), the client-sampling RNG, the DP accountants, and the round.
-Client training needs nothing else: its batches and dropout are seeded from
-``(seed, round, client)`` and its optimizer is fresh every round.
+phase, a schedule's switch), the client-sampling RNG, the DP accountants, the optimizer state of a trainer that keeps one across rounds (the
+centralized baseline), and the round. Federated client training needs nothing else: its
+batches and dropout are seeded from ``(seed, round, client)`` and its optimizer is fresh
+every round.
 
 On disk, in ``RUN_DIR/checkpoint/``: ``round-<t>.safetensors`` (the tensors) and
 ``checkpoint.json`` (the rest, naming the tensor file). Both are written to a temporary
@@ -21,7 +22,7 @@ import json
 import os
 import random
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from fedlora.messages import AdapterState
 
 CHECKPOINT_DIR = "checkpoint"
 INDEX = "checkpoint.json"
-_GROUPS = ("A", "B", "head", "base_total", "base")
+_GROUPS = ("A", "B", "head", "base_total", "base", "optim")
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,40 @@ class Checkpoint:
     base: dict[str, torch.Tensor]  # the frozen weights of those layers, exactly
     pending_delta_bytes: int = 0
     privacy: dict[str, Any] | None = None
+    optimizers: dict[int, dict[str, Any]] = field(default_factory=dict)  # client -> state_dict
+
+
+def _split_optimizers(
+    optimizers: dict[int, dict[str, Any]],
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Optimizer state dicts as safetensors tensors plus a JSON part."""
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, Any] = {}
+    for cid, sd in optimizers.items():
+        scalars: dict[str, dict[str, Any]] = {}
+        for idx, values in sd["state"].items():
+            for key, value in values.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"{cid}/{idx}/{key}"] = value.detach().contiguous()
+                else:
+                    scalars.setdefault(str(idx), {})[key] = value
+        meta[str(cid)] = {"param_groups": sd["param_groups"], "scalars": scalars}
+    return tensors, meta
+
+
+def _join_optimizers(
+    tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> dict[int, dict[str, Any]]:
+    optimizers: dict[int, dict[str, Any]] = {
+        int(cid): {"state": {}, "param_groups": m["param_groups"]} for cid, m in meta.items()
+    }
+    for cid, m in meta.items():
+        for idx, values in m["scalars"].items():
+            optimizers[int(cid)]["state"].setdefault(int(idx), {}).update(values)
+    for key, value in tensors.items():
+        cid, idx, name = key.split("/", 2)
+        optimizers[int(cid)]["state"].setdefault(int(idx), {})[name] = value
+    return optimizers
 
 
 def _tuples(value: Any) -> Any:
@@ -65,6 +100,8 @@ def save_checkpoint(run_path: Path, ckpt: Checkpoint) -> None:
         "base_total": ckpt.base_total,
         "base": ckpt.base,
     }
+    optim_tensors, optim_meta = _split_optimizers(ckpt.optimizers)
+    groups["optim"] = optim_tensors
     tensors = {
         f"{group}/{name}": t.detach().contiguous()
         for group, values in groups.items()
@@ -81,6 +118,7 @@ def save_checkpoint(run_path: Path, ckpt: Checkpoint) -> None:
         "rng_state": ckpt.rng_state,
         "pending_delta_bytes": ckpt.pending_delta_bytes,
         "privacy": ckpt.privacy,
+        "optimizers": optim_meta,
     }
     tmp = directory / (INDEX + ".tmp")
     with tmp.open("w") as f:
@@ -113,6 +151,7 @@ def load_checkpoint(run_path: Path) -> Checkpoint | None:
         base=groups["base"],
         pending_delta_bytes=int(index["pending_delta_bytes"]),
         privacy=index["privacy"],
+        optimizers=_join_optimizers(groups["optim"], index.get("optimizers", {})),
     )
 
 
@@ -161,6 +200,7 @@ def capture(
     base_weight: Any,
     pending_delta_bytes: int,
     privacy: Any | None,
+    optimizers: dict[int, dict[str, Any]] | None = None,
 ) -> Checkpoint:
     """The loop's state at the end of ``round`` (``base_weight(layer)`` reads a frozen weight)."""
     return Checkpoint(
@@ -172,6 +212,7 @@ def capture(
         base={k: base_weight(k) for k in base_total},
         pending_delta_bytes=pending_delta_bytes,
         privacy=privacy.state_dict() if privacy is not None else None,
+        optimizers=dict(optimizers or {}),
     )
 
 

@@ -26,6 +26,7 @@ from fedlora.client import LocalTraining, evaluate_split, train_client
 from fedlora.federation import Federation, Log, stderr_log
 from fedlora.messages import AdapterState, ClientUpdate, RoundPlan
 from fedlora.methods import Method
+from fedlora.methods.base import client_weights, update_error
 from fedlora.outputs import RunDir
 from fedlora.outputs.run_dir import read_metrics
 from fedlora.runtime.checkpoint import Checkpoint, capture, debug_kill, restore, save_checkpoint
@@ -62,30 +63,35 @@ def _train_round(
     fed: Federation,
     method: Method,
     plan: RoundPlan,
-    state: AdapterState,
-    sampled: list[int],
+    starts: dict[int, AdapterState],
     privacy: FederatedPrivacy | None = None,
+    optimizers: dict[int, dict[str, Any]] | None = None,
 ) -> list[ClientUpdate]:
     cfg = fed.cfg
     settings = LocalTraining.from_config(cfg)
-    if getattr(method, "pools_clients", False):
+    if method.pools_clients:
         # Same total steps as the sampled clients together, on their pooled data.
-        settings = replace(settings, local_steps=cfg.local_steps * len(sampled))
-        jobs = [(0, fed.pooled_train)]
+        settings = replace(settings, local_steps=cfg.local_steps * len(starts))
+        jobs = [(0, next(iter(starts.values())), fed.pooled_train)]
     else:
-        jobs = [(cid, fed.encoded[cid].train) for cid in sampled]
-    client_start = getattr(method, "client_start", None)
+        jobs = [(cid, start, fed.encoded[cid].train) for cid, start in starts.items()]
     updates = []
-    for cid, data in jobs:
+    for cid, start, data in jobs:
         train = train_client if privacy is None else privacy.trainer(cid)  # DP wraps the trainer
+        kept = (
+            optimizers.setdefault(cid, {})
+            if method.keeps_optimizer and optimizers is not None
+            else None
+        )
         update = train(
             adapter=fed.adapter,
-            state=client_start(state, client_id=cid, plan=plan) if client_start else state,
+            state=start,
             data=data,
             plan=plan,
             settings=settings,
             client_id=cid,
             seed=cfg.seed,
+            optimizer_state=kept,
         )
         update.check_finite()
         updates.append(update)
@@ -113,14 +119,15 @@ def run_federated(
     rng = random.Random(cfg.seed)
     client_ids = [c.client_id for c in fed.clients]
     start = time.perf_counter()
-    tag = f"[{getattr(method, 'label', method.name)}]"
+    tag = f"[{method.label}]"
     base_total: dict[str, torch.Tensor] = {}  # what has been folded into the frozen weights
     pending_delta_bytes = 0
+    optimizers: dict[int, dict[str, Any]] = {}  # trainers that keep theirs (centralized)
     privacy: FederatedPrivacy | None = None
     if cfg.dp.enabled:
         from fedlora.privacy import plan_for_federation  # Opacus loads only for DP runs
 
-        privacy = plan_for_federation(fed, pools_clients=getattr(method, "pools_clients", False))
+        privacy = plan_for_federation(fed, pools_clients=method.pools_clients)
         log(f"{tag} {privacy.describe()}")
 
     def checkpoint(t: int) -> None:
@@ -135,6 +142,7 @@ def run_federated(
                 base_weight=fed.adapter.base_weight,
                 pending_delta_bytes=pending_delta_bytes,
                 privacy=privacy,
+                optimizers=optimizers,
             ),
         )
         debug_kill("checkpoint", t)
@@ -143,6 +151,7 @@ def run_federated(
         rng = restore(resume, adapter=fed.adapter, method=method, privacy=privacy)
         state, base_total = resume.state, dict(resume.base_total)
         pending_delta_bytes = resume.pending_delta_bytes
+        optimizers = dict(resume.optimizers)
         rows = read_metrics(run_dir.path)
         log(f"{tag} resuming after round {resume.round}/{cfg.rounds}")
     else:
@@ -169,13 +178,13 @@ def run_federated(
         download = (state.nbytes() + pending_delta_bytes) * len(sampled)
 
         t0 = time.perf_counter()
-        updates = _train_round(fed, method, plan, state, sampled, privacy)
+        starts = {cid: method.client_start(state, client_id=cid, plan=plan) for cid in sampled}
+        updates = _train_round(fed, method, plan, starts, privacy, optimizers)
         t_train = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        weights = [
-            float(u.num_examples) if cfg.weighting == "num_examples" else 1.0 for u in updates
-        ]
+        weights = client_weights(updates, cfg.weighting, method)
+        before = state
         result = method.aggregate(
             plan=plan, state=state, updates=updates, weights=weights, scaling=scaling
         )
@@ -188,7 +197,19 @@ def run_federated(
         t_agg = time.perf_counter() - t0
 
         row = round_row(
-            plan=plan, clients=sampled, updates=updates, download_bytes=download, result=result
+            plan=plan,
+            clients=sampled,
+            updates=updates,
+            download_bytes=download,
+            result=result,
+            errors=update_error(
+                before=before,
+                starts=starts,
+                updates=updates,
+                weights=weights,
+                scaling=scaling,
+                result=result,
+            ),
         )
         if privacy is not None:
             for cid in privacy.end_round() if t < cfg.rounds else []:

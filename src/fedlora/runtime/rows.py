@@ -8,6 +8,7 @@ the starting model before any training.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -38,21 +39,42 @@ def round_row(
     updates: Sequence[ClientUpdate],
     download_bytes: int,
     result: Aggregate,
+    errors: Mapping[str, float],
 ) -> dict[str, Any]:
-    """What a round did: who trained what, the bytes moved, the aggregation error."""
+    """What a round did: who trained what, the steps taken, the bytes moved, and the
+    aggregation error ``errors`` (per layer, :func:`fedlora.methods.base.update_error`)
+    with any diagnostics of the method's own, each under its own name."""
     row: dict[str, Any] = {
         "round": plan.round,
         "method": plan.method,
         "trained": plan.trained + ("+head" if plan.train_head else ""),
         "clients": list(clients),
         "train_loss": sum(u.train_loss for u in updates) / len(updates),
+        "local_steps": {u.client_id: u.steps for u in updates},
         "upload_bytes": sum(u.nbytes() for u in updates),
         "download_bytes": download_bytes,
     }
-    if result.agg_error:
-        errors = dict(result.agg_error)
-        row["agg_error"] = {"mean": sum(errors.values()) / len(errors), "layers": errors}
+    if errors:
+        row["agg_error"] = _summary(errors)
+        undefined = sorted(layer for layer, e in errors.items() if math.isinf(e))
+        if undefined:
+            # inf is written as null: say why, so a null is never mistaken for "no error"
+            row["agg_error"]["undefined"] = (
+                "the clients' mean update is zero but the aggregate is not, in layers "
+                + ", ".join(undefined)
+            )
+    for name, values in result.diagnostics.items():
+        row[name] = _summary(values)
     return row
+
+
+def _summary(values: Mapping[str, float]) -> dict[str, Any]:
+    per_layer = dict(values)
+    return {
+        "mean": sum(per_layer.values()) / len(per_layer),
+        "max": max(per_layer.values()),
+        "layers": per_layer,
+    }
 
 
 def progress_line(tag: str, row: Mapping[str, Any], *, rounds: int) -> str:

@@ -131,13 +131,14 @@ def _own_data_client(cfg: Config, path: Path, client_id: int, names: list[str]) 
         text_column=cfg.text_column,
         text_pair_column=cfg.text_pair_column,
         label_column=cfg.label_column,
+        encoding=cfg.encoding,
     )
     train = _relabel(data.train, data.label_names, names, path)
     held_out = _relabel(data.test, data.label_names, names, path)
     model, tokenizer, _ = load_classifier(
         cfg.model, num_labels=len(names), lora=lora_settings(cfg), seed=cfg.seed
     )
-    adapter = PeftAdapter(model)
+    adapter = PeftAdapter(model, client_alpha=cfg.client_alpha)
     initial = {k: adapter.base_weight(k).detach().clone() for k in adapter.lora_layers}
     return LocalClient(
         client_id=client_id,

@@ -127,9 +127,11 @@ def update_to_content(update: ClientUpdate) -> RecordDict:
             "client-id": update.client_id,
             "num-examples": update.num_examples,
             "train-loss": float(update.train_loss),
+            "steps": update.steps,
         }
     )
-    return RecordDict({"update": state_to_record(trained), "metrics": metrics})
+    scaling = ConfigRecord({k: float(v) for k, v in update.scaling.items()})
+    return RecordDict({"update": state_to_record(trained), "metrics": metrics, "scaling": scaling})
 
 
 def content_to_update(content: RecordDict) -> ClientUpdate:
@@ -142,6 +144,8 @@ def content_to_update(content: RecordDict) -> ClientUpdate:
         B=trained.B,
         head=trained.head,
         train_loss=float(metrics["train-loss"]),  # type: ignore[arg-type]
+        scaling={k: float(v) for k, v in content.config_records["scaling"].items()},  # type: ignore[arg-type]
+        steps=int(metrics["steps"]),  # type: ignore[arg-type]
     )
 
 

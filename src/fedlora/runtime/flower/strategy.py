@@ -36,6 +36,7 @@ from fedlora.errors import FedLoraError
 from fedlora.federation import Federation, Log
 from fedlora.messages import AdapterState, ClientUpdate, RoundPlan
 from fedlora.methods import Method
+from fedlora.methods.base import client_weights, update_error
 from fedlora.outputs import RunDir
 from fedlora.runtime.flower import codec
 from fedlora.runtime.inprocess import sample_clients
@@ -49,7 +50,7 @@ class FedLoRAStrategy(Strategy):
         self.cfg: Config = fed.cfg
         self.run_dir = run_dir
         self.log = log
-        self.tag = f"[{getattr(method, 'label', method.name)}]"
+        self.tag = f"[{method.label}]"
         self.config_text = codec.config_to_text(self.cfg)
         self.scaling = fed.adapter.scaling()
         self.state: AdapterState = fed.initial_state.clone()
@@ -123,7 +124,7 @@ class FedLoRAStrategy(Strategy):
         self.sampled = sample_clients(
             list(range(self.cfg.num_clients)), self.cfg.client_fraction, self.rng
         )
-        client_start = getattr(self.method, "client_start", None)
+        self.starts: dict[int, AdapterState] = {}
         # Counted as in-process (the method's communication cost), not as this runtime's
         # wire: a message carries the client's start (FLoRA: a fresh adapter made from a
         # seed) and the whole folded total (a fresh ClientApp process remembers nothing).
@@ -133,9 +134,8 @@ class FedLoRAStrategy(Strategy):
             if cid not in self.nodes:
                 self._fail(cid, "train", "no connected SuperNode holds this client")
                 continue
-            start = (
-                client_start(self.state, client_id=cid, plan=plan) if client_start else self.state
-            )
+            start = self.method.client_start(self.state, client_id=cid, plan=plan)
+            self.starts[cid] = start
             content = codec.instruction_to_content(self._instruction(start, plan))
             self.download += per_client
             messages.append(
@@ -187,9 +187,8 @@ class FedLoRAStrategy(Strategy):
             self.train_sizes[u.client_id] = u.num_examples
 
         t0 = time.perf_counter()
-        weights = [
-            float(u.num_examples) if self.cfg.weighting == "num_examples" else 1.0 for u in updates
-        ]
+        weights = client_weights(updates, self.cfg.weighting, self.method)
+        before = self.state
         result = self.method.aggregate(
             plan=self.plan, state=self.state, updates=updates, weights=weights, scaling=self.scaling
         )
@@ -208,6 +207,14 @@ class FedLoRAStrategy(Strategy):
             updates=updates,
             download_bytes=self.download,
             result=result,
+            errors=update_error(
+                before=before,
+                starts=self.starts,
+                updates=updates,
+                weights=weights,
+                scaling=self.scaling,
+                result=result,
+            ),
         )
         self.row |= {"time_train_s": t_train, "time_aggregate_s": t_agg}
         self.clock = time.perf_counter()
