@@ -103,3 +103,41 @@ def test_state_roundtrip_and_rank_switching():
     adapter.set_state(state)
     assert adapter.adapter_name == "default"
     torch.testing.assert_close(adapter.get_state().B[layer], state.B[layer])
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, hidden: int, names: tuple[str, ...]) -> None:
+        super().__init__()
+        for name in names:
+            setattr(self, name, torch.nn.Linear(hidden, hidden))
+
+
+class _Unlisted(torch.nn.Module):
+    """A model type no table lists, with its own module names."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        super().__init__()
+        from transformers import PretrainedConfig
+
+        self.config = PretrainedConfig(model_type="home-made", hidden_size=8)
+        self.blocks = torch.nn.ModuleList([_Block(8, names) for _ in range(2)])
+        self.classifier = torch.nn.Linear(8, 3)
+
+
+def test_targets_of_architectures_no_table_lists():
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    # DistilBERT is not in PEFT's table: its q_lin/v_lin are found among its modules
+    distil = DistilBertForSequenceClassification(
+        DistilBertConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2, hidden_dim=32)
+    )
+    assert detect_target_modules(distil) == ["q_lin", "v_lin"]
+    assert detect_target_modules(_Unlisted(("wq", "wk", "wv", "wo"))) == ["wq", "wv"]
+    with pytest.raises(FedLoraError) as info:
+        detect_target_modules(_Unlisted(("proj_in", "proj_out")))
+    message = str(info.value)
+    # the error names this model's own modules, not a suggestion for another architecture
+    assert message == (
+        "cannot find the attention query/value projections of model type 'home-made'; "
+        "set target_modules to some of its linear layers: classifier, proj_in, proj_out"
+    )

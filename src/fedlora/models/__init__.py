@@ -2,7 +2,6 @@
 
 from fedlora.models.adapter import PeftAdapter
 from fedlora.models.loading import (
-    TARGET_MODULES,
     LoRASettings,
     attach_lora,
     detect_target_modules,
@@ -13,7 +12,6 @@ from fedlora.models.loading import (
 __all__ = [
     "PeftAdapter",
     "LoRASettings",
-    "TARGET_MODULES",
     "attach_lora",
     "detect_target_modules",
     "load_classifier",

@@ -13,30 +13,24 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from peft import LoraConfig, TaskType, get_peft_model
 
 from fedlora.errors import FedLoraError
 
-# Attention projections per architecture (``config.model_type``): the LoRA paper's and
-# PEFT's default choice of query and value.
-TARGET_MODULES: dict[str, list[str]] = {
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "xlm-roberta": ["query", "value"],
-    "electra": ["query", "value"],
-    "deberta-v2": ["query_proj", "value_proj"],
-    "distilbert": ["q_lin", "v_lin"],
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "opt": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn"],
-    "gpt_neox": ["query_key_value"],
-}
+# Leaf names of attention projections, for architectures PEFT's own table does not list:
+# separate query/value projections (either pair), else a fused query-key-value projection.
+_QUERY_VALUE_NAMES = (
+    ("query", "value"),
+    ("q_proj", "v_proj"),
+    ("q_lin", "v_lin"),
+    ("query_proj", "value_proj"),
+    ("q", "v"),
+    ("wq", "wv"),
+)
+_FUSED_QKV_NAMES = ("c_attn", "query_key_value", "qkv", "qkv_proj", "Wqkv", "in_proj")
 
 
 def _package_model_dir(package: str) -> Path | None:
@@ -84,14 +78,50 @@ class LoRASettings:
     train_head: bool = True
 
 
+def _projection_leaves(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """Leaf name -> (in, out) of the model's ``nn.Linear`` and transformers ``Conv1D``
+    layers (the modules LoRA can wrap), the head and embeddings excluded by shape below."""
+    leaves: dict[str, tuple[int, int]] = {}
+    for path, module in model.named_modules():
+        leaf = path.rsplit(".", 1)[-1]
+        if isinstance(module, torch.nn.Linear):
+            leaves.setdefault(leaf, (module.in_features, module.out_features))
+        elif type(module).__name__ == "Conv1D":  # GPT-2 style, weight (in, out)
+            weight = cast(torch.Tensor, module.weight)
+            leaves.setdefault(leaf, (int(weight.shape[0]), int(weight.shape[1])))
+    return leaves
+
+
 def detect_target_modules(model: torch.nn.Module) -> list[str]:
+    """The attention query and value projections LoRA goes on, for any architecture.
+
+    First PEFT's own table (``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``, by
+    ``model_type``); then the model's own modules: a query/value pair of linear layers
+    found by name (``query``/``value``, ``q_proj``/``v_proj``, ``q_lin``/``v_lin``, ...)
+    whose input is the hidden size, or a fused query-key-value projection (``c_attn``,
+    ``query_key_value``, ``qkv``, ...) of output ``3 x hidden``; else a one-line error that
+    lists this model's own candidate module names.
+    """
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
     model_type = getattr(model.config, "model_type", None)
-    if model_type not in TARGET_MODULES:
-        raise FedLoraError(
-            f"cannot pick LoRA target modules for model type '{model_type}'; "
-            "set target_modules (e.g. target_modules=[q_proj,v_proj])"
-        )
-    return TARGET_MODULES[model_type]
+    leaves = _projection_leaves(model)
+    known = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(str(model_type))
+    if known and all(name in leaves for name in known):
+        return list(known)
+    hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd", None)
+    for query, value in _QUERY_VALUE_NAMES:
+        if query in leaves and value in leaves:
+            if hidden is None or (leaves[query][0] == hidden and leaves[value][0] == hidden):
+                return [query, value]
+    for fused in _FUSED_QKV_NAMES:
+        if fused in leaves and (hidden is None or leaves[fused][1] == 3 * hidden):
+            return [fused]
+    candidates = ", ".join(sorted(leaves)) or "none"
+    raise FedLoraError(
+        f"cannot find the attention query/value projections of model type '{model_type}'; "
+        f"set target_modules to some of its linear layers: {candidates}"
+    )
 
 
 def attach_lora(

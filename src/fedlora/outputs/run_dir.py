@@ -12,8 +12,8 @@ import json
 import math
 import os
 import shutil
-from pathlib import Path
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from fedlora.config import Config, dump_config
