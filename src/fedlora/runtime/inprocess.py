@@ -26,11 +26,11 @@ from fedlora.client import LocalTraining, evaluate_split, train_client
 from fedlora.federation import Federation, Log, stderr_log
 from fedlora.messages import AdapterState, ClientUpdate, RoundPlan
 from fedlora.methods import Method
-from fedlora.methods.base import client_weights, update_error
 from fedlora.outputs import RunDir
 from fedlora.outputs.run_dir import read_metrics
 from fedlora.runtime.checkpoint import Checkpoint, capture, debug_kill, restore, save_checkpoint
-from fedlora.runtime.rows import eval_due, round_row
+from fedlora.runtime.rows import eval_due
+from fedlora.runtime.server import apply_round
 
 if TYPE_CHECKING:
     from fedlora.privacy import FederatedPrivacy
@@ -183,34 +183,23 @@ def run_federated(
         t_train = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        weights = client_weights(updates, cfg.weighting, method)
-        before = state
-        result = method.aggregate(
-            plan=plan, state=state, updates=updates, weights=weights, scaling=scaling
+        result, row = apply_round(
+            method=method,
+            plan=plan,
+            state=state,
+            starts=starts,
+            updates=updates,
+            weighting=cfg.weighting,
+            scaling=scaling,
+            adapter=fed.adapter,
+            base_total=base_total,
+            download_bytes=download,
         )
-        for layer, delta in result.base_delta.items():
-            fed.adapter.add_to_base(layer, delta)
-            base_total[layer] = base_total[layer] + delta if layer in base_total else delta.clone()
+        row["clients"] = sampled  # centralized replies as one trainer for all of them
         pending_delta_bytes = result.delta_bytes
         state = result.state
-        fed.adapter.set_state(state)
         t_agg = time.perf_counter() - t0
 
-        row = round_row(
-            plan=plan,
-            clients=sampled,
-            updates=updates,
-            download_bytes=download,
-            result=result,
-            errors=update_error(
-                before=before,
-                starts=starts,
-                updates=updates,
-                weights=weights,
-                scaling=scaling,
-                result=result,
-            ),
-        )
         if privacy is not None:
             for cid in privacy.end_round() if t < cfg.rounds else []:
                 log(

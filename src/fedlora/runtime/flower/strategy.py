@@ -36,11 +36,11 @@ from fedlora.errors import FedLoraError
 from fedlora.federation import Federation, Log
 from fedlora.messages import AdapterState, ClientUpdate, RoundPlan
 from fedlora.methods import Method
-from fedlora.methods.base import client_weights, update_error
 from fedlora.outputs import RunDir
 from fedlora.runtime.flower import codec
 from fedlora.runtime.inprocess import sample_clients
-from fedlora.runtime.rows import eval_due, progress_line, round_row, start_row
+from fedlora.runtime.rows import eval_due, progress_line, start_row
+from fedlora.runtime.server import apply_round
 
 
 class FedLoRAStrategy(Strategy):
@@ -187,35 +187,22 @@ class FedLoRAStrategy(Strategy):
             self.train_sizes[u.client_id] = u.num_examples
 
         t0 = time.perf_counter()
-        weights = client_weights(updates, self.cfg.weighting, self.method)
-        before = self.state
-        result = self.method.aggregate(
-            plan=self.plan, state=self.state, updates=updates, weights=weights, scaling=self.scaling
+        result, self.row = apply_round(
+            method=self.method,
+            plan=self.plan,
+            state=self.state,
+            starts=self.starts,
+            updates=updates,
+            weighting=self.cfg.weighting,
+            scaling=self.scaling,
+            adapter=self.fed.adapter,
+            base_total=self.base_total,
+            download_bytes=self.download,
         )
-        for layer, delta in result.base_delta.items():
-            self.fed.adapter.add_to_base(layer, delta)
-            total = self.base_total.get(layer)
-            self.base_total[layer] = delta.clone() if total is None else total + delta
         self.pending_delta_bytes = result.delta_bytes
         self.state = result.state
-        self.fed.adapter.set_state(self.state)
         t_agg = time.perf_counter() - t0
 
-        self.row = round_row(
-            plan=self.plan,
-            clients=[u.client_id for u in updates],
-            updates=updates,
-            download_bytes=self.download,
-            result=result,
-            errors=update_error(
-                before=before,
-                starts=self.starts,
-                updates=updates,
-                weights=weights,
-                scaling=self.scaling,
-                result=result,
-            ),
-        )
         self.row |= {"time_train_s": t_train, "time_aggregate_s": t_agg}
         self.clock = time.perf_counter()
         metrics = MetricRecord({"train-loss": self.row["train_loss"], "clients": len(updates)})
