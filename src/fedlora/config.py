@@ -24,6 +24,8 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 PARTITIONS = ("iid", "dirichlet", "imbalanced", "natural")
 WEIGHTINGS = ("method", "uniform", "num_examples")
 CLIENT_ALPHAS = ("fixed", "proportional")
+LR_SCHEDULERS = ("constant", "linear", "cosine")
+LR_SCOPES = ("round", "run")
 HEAD_POLICIES = ("train", "frozen")
 RUNTIMES = ("inprocess", "flower-sim", "flower")
 TASKS = ("classification", "causal-lm")
@@ -147,6 +149,12 @@ class Config:
     lr: float | None = None  # None: the method's default (fedlora.methods.with_method_defaults)
     optimizer: str = "adamw"
     weight_decay: float = 0.0
+    local_epochs: float | None = None  # wins over local_steps when set
+    grad_accum_steps: int = 1
+    lr_scheduler: str = "constant"
+    warmup_ratio: float = 0.0
+    lr_schedule_scope: str = "round"
+    max_grad_norm: float | None = None
     # Differential privacy (nested: dp.noise_multiplier=1.0, dp.target_epsilon=3, ...)
     dp: DPConfig = dataclasses.field(default_factory=DPConfig)
     # Evaluation and outputs
@@ -222,6 +230,7 @@ def _check_values(cfg: Config) -> None:
     _choice(cfg, "partition", PARTITIONS)
     _choice(cfg, "weighting", WEIGHTINGS)
     _choice(cfg, "client_alpha", CLIENT_ALPHAS)
+    _check_training_controls(cfg)
     _choice(cfg, "head", HEAD_POLICIES)
     _choice(cfg, "runtime", RUNTIMES)
     _check_flower_options(cfg)
@@ -260,6 +269,28 @@ def _check_encoding(cfg: Config) -> None:
             f"config key 'encoding' must name a text encoding (e.g. utf-8, latin-1, cp1252, "
             f"utf-16), got '{cfg.encoding}'"
         ) from None
+
+
+def _check_training_controls(cfg: Config) -> None:
+    _positive(cfg, "local_epochs", "grad_accum_steps", "max_grad_norm")
+    _choice(cfg, "lr_scheduler", LR_SCHEDULERS)
+    _choice(cfg, "lr_schedule_scope", LR_SCOPES)
+    if not 0.0 <= cfg.warmup_ratio < 1.0:
+        raise FedLoraError(f"config key 'warmup_ratio' must be in [0, 1), got {cfg.warmup_ratio}")
+    if cfg.dp.enabled:
+        # DP-SGD's steps are what the accountant counts, and it clips per example itself.
+        for key, default in (
+            ("local_epochs", None),
+            ("grad_accum_steps", 1),
+            ("max_grad_norm", None),
+        ):
+            if getattr(cfg, key) != default:
+                hint = (
+                    " (DP-SGD clips per example: dp.max_grad_norm)"
+                    if key == "max_grad_norm"
+                    else ""
+                )
+                raise FedLoraError(f"config key '{key}' is not supported with dp.*{hint}")
 
 
 def _check_method_options(cfg: Config) -> None:

@@ -1,4 +1,5 @@
-"""Local training on one client: a plain PyTorch loop over ``local_steps`` mini-batches.
+"""Local training on one client: a plain PyTorch loop over ``local_steps`` optimizer steps
+(or ``local_epochs`` of its data; see :class:`LocalTraining`).
 
 Each round the client loads the global adapter it was sent, unfreezes only what the
 round's :class:`~fedlora.messages.RoundPlan` trains, and builds a **fresh optimizer**
@@ -13,6 +14,8 @@ CPU and a client's data order does not depend on which other clients were sample
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -28,11 +31,32 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class LocalTraining:
+    """What one client does in a round.
+
+    ``local_epochs``, when set, wins over ``local_steps``: the client takes
+    ``ceil(local_epochs * n / (batch_size * grad_accum_steps))`` optimizer steps on its
+    ``n`` examples, so a larger client does more steps (the papers' local epochs).
+    Each optimizer step accumulates ``grad_accum_steps`` mini-batches of ``batch_size``
+    (effective batch ``batch_size x grad_accum_steps``). ``lr_scheduler`` (transformers'
+    ``get_scheduler``: ``constant``, ``linear``, ``cosine``, with ``warmup_ratio`` of the
+    steps warming up) runs over each round's steps (``lr_schedule_scope="round"``) or over
+    the whole run's (``"run"``: a client's round ``t`` continues the schedule at step
+    ``(t - 1) x steps``). ``max_grad_norm`` clips the norm of all trained gradients
+    together before each step (outside DP; DP-SGD clips per example, ``dp.max_grad_norm``).
+    """
+
     local_steps: int
     batch_size: int
     lr: float
     optimizer: str = "adamw"
     weight_decay: float = 0.0
+    local_epochs: float | None = None
+    grad_accum_steps: int = 1
+    lr_scheduler: str = "constant"
+    warmup_ratio: float = 0.0
+    lr_schedule_scope: str = "round"
+    rounds: int = 1
+    max_grad_norm: float | None = None
 
     @classmethod
     def from_config(cls, cfg: Config) -> LocalTraining:
@@ -46,7 +70,48 @@ class LocalTraining:
             lr=with_method_defaults(cfg).lr,  # type: ignore[arg-type]
             optimizer=cfg.optimizer,
             weight_decay=cfg.weight_decay,
+            local_epochs=cfg.local_epochs,
+            grad_accum_steps=cfg.grad_accum_steps,
+            lr_scheduler=cfg.lr_scheduler,
+            warmup_ratio=cfg.warmup_ratio,
+            lr_schedule_scope=cfg.lr_schedule_scope,
+            rounds=cfg.rounds,
+            max_grad_norm=cfg.max_grad_norm,
         )
+
+    def steps_for(self, num_examples: int) -> int:
+        """Optimizer steps a client with ``num_examples`` examples takes in one round."""
+        if self.local_epochs is None:
+            return self.local_steps
+        per_step = min(self.batch_size, num_examples) * self.grad_accum_steps
+        return max(1, math.ceil(self.local_epochs * num_examples / per_step))
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, settings: LocalTraining, *, steps: int, round: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """transformers' schedule for this round's ``steps``, positioned where it stands."""
+    from transformers import get_scheduler
+
+    scope_run = settings.lr_schedule_scope == "run"
+    total = steps * settings.rounds if scope_run else steps
+    scheduler = get_scheduler(
+        settings.lr_scheduler,
+        optimizer,
+        num_warmup_steps=round_half_up(settings.warmup_ratio * total),
+        num_training_steps=total,
+    )
+    if scope_run and round > 1:
+        # Fast-forward to this round's first step (no optimizer step is taken here).
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*")
+            for _ in range((round - 1) * steps):
+                scheduler.step()
+    return scheduler
+
+
+def round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
 
 
 def make_optimizer(
@@ -100,19 +165,28 @@ def train_client(
     optimizer = make_optimizer(params, settings)
     if optimizer_state:
         optimizer.load_state_dict(optimizer_state)
+    steps = settings.steps_for(len(data))
+    scheduler = make_scheduler(optimizer, settings, steps=steps, round=plan.round)
+    accum = settings.grad_accum_steps
     generator = torch.Generator().manual_seed(client_seed(seed, plan.round, client_id))
     torch.manual_seed(client_seed(seed, plan.round, client_id))  # dropout masks
     model = adapter.model
     model.train()
     losses = []
-    for idx in batch_indices(
-        len(data), steps=settings.local_steps, batch_size=settings.batch_size, generator=generator
-    ):
+    micro = batch_indices(
+        len(data), steps=steps * accum, batch_size=settings.batch_size, generator=generator
+    )
+    for i, idx in enumerate(micro):
         loss = model(**data.batch(idx)).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        (loss / accum if accum > 1 else loss).backward()
         losses.append(loss.item())
+        if (i + 1) % accum:
+            continue
+        if settings.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
     model.eval()
     if optimizer_state is not None:
         optimizer_state.clear()
@@ -126,5 +200,5 @@ def train_client(
         head=sent.head,
         train_loss=sum(losses) / len(losses),
         scaling=adapter.scaling(),
-        steps=len(losses),
+        steps=steps,
     )

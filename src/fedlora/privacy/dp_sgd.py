@@ -36,7 +36,7 @@ import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
-from fedlora.client.train import LocalTraining, client_seed, make_optimizer
+from fedlora.client.train import LocalTraining, client_seed, make_optimizer, make_scheduler
 from fedlora.data import Encoded
 from fedlora.messages import AdapterState, ClientUpdate, RoundPlan
 from fedlora.models.adapter import PeftAdapter
@@ -111,6 +111,7 @@ def train_client_dp(
             secure_mode=privacy.secure_mode,
         )
         optimizer.attach_step_hook(privacy.step_hook())
+        scheduler = make_scheduler(inner, settings, steps=len(batches), round=plan.round)
         wrapped.train()  # Opacus captures activations only in training mode
         with warnings.catch_warnings():
             # The first hooked LoRA layer's input comes from frozen layers, so torch warns
@@ -128,6 +129,7 @@ def train_client_dp(
                     loss.backward()
                     losses.append(loss.item())
                 optimizer.step()
+                scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
     finally:
         wrapped.to_standard_module()  # removes hooks and per-sample attributes
