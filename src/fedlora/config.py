@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import importlib.util
+import re
 import types
 import typing
 from pathlib import Path
@@ -30,6 +32,10 @@ HEAD_POLICIES = ("train", "frozen")
 RUNTIMES = ("inprocess", "flower-sim", "flower")
 TASKS = ("classification", "causal-lm")
 BASE_DTYPES = ("float32", "bfloat16")
+PRECISIONS = ("fp32", "bf16", "fp16")
+QUANTIZATIONS = ("none", "int8", "nf4", "fp4")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+FOLDING_METHODS = ("fedex", "flora")  # add increments to the frozen weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,9 +113,16 @@ class Config:
     target_modules: list[str] | None = None
     layers: list[int] | None = None
     head: str = "train"
+    # Where and how the base model computes (docs/configuration.md, "Device and precision")
+    device: str = "auto"
+    precision: str = "fp32"
+    base_dtype: str = "float32"
+    quantization: str = "none"
+    bnb_double_quant: bool = True
+    bnb_compute_dtype: str = "float32"
+    gradient_checkpointing: bool = False
     # Decoder LLMs (task=causal-lm; docs/llm.md)
     task: str = "classification"
-    base_dtype: str = "float32"
     lora_mlp: bool = False
     chat_template: bool = True
     verbalizer: list[str] | None = None
@@ -170,6 +183,7 @@ class Config:
     min_clients: int = 1
     round_timeout: float = 600.0
     sim_actors: int = 1
+    sim_gpus: float = 0.0  # flower-sim: GPU share per ClientApp actor (Flower client_resources)
     superlink: str | None = None
     root_certificates: str | None = None
     insecure: bool = False
@@ -231,6 +245,7 @@ def _check_values(cfg: Config) -> None:
     _choice(cfg, "weighting", WEIGHTINGS)
     _choice(cfg, "client_alpha", CLIENT_ALPHAS)
     _check_training_controls(cfg)
+    _check_device_options(cfg)
     _choice(cfg, "head", HEAD_POLICIES)
     _choice(cfg, "runtime", RUNTIMES)
     _check_flower_options(cfg)
@@ -269,6 +284,35 @@ def _check_encoding(cfg: Config) -> None:
             f"config key 'encoding' must name a text encoding (e.g. utf-8, latin-1, cp1252, "
             f"utf-16), got '{cfg.encoding}'"
         ) from None
+
+
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def _check_device_options(cfg: Config) -> None:
+    if not _DEVICE.fullmatch(cfg.device):
+        raise FedLoraError(
+            f"config key 'device' must be auto, cpu, cuda, cuda:N or mps; got '{cfg.device}'"
+        )
+    _choice(cfg, "precision", PRECISIONS)
+    _choice(cfg, "quantization", QUANTIZATIONS)
+    _choice(cfg, "bnb_compute_dtype", COMPUTE_DTYPES)
+    if cfg.sim_gpus < 0:
+        raise FedLoraError(f"config key 'sim_gpus' must be >= 0, got {cfg.sim_gpus}")
+    if cfg.quantization == "none":
+        return
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise FedLoraError(
+            f"quantization={cfg.quantization} needs bitsandbytes (pip install bitsandbytes==0.50.2)"
+        )
+    phases = [p.method for p in cfg.schedule or []]
+    folding = sorted({cfg.method, *cfg.methods, *phases} & set(FOLDING_METHODS))
+    if folding:
+        raise FedLoraError(
+            f"method {', '.join(folding)} folds increments into the frozen weights, which a "
+            f"quantized ({cfg.quantization}) base cannot hold exactly: use quantization=none, "
+            "or a method that keeps its update in the adapter (fedavg, ffa, rolora, fra)"
+        )
 
 
 def _check_training_controls(cfg: Config) -> None:
@@ -366,7 +410,7 @@ def _check_task_options(cfg: Config) -> None:
                 f"config key 'max_length' must be >= 2 for causal-lm, got {cfg.max_length}"
             )
         return
-    for name, default in (("base_dtype", "float32"), ("lora_mlp", False), ("verbalizer", None)):
+    for name, default in (("lora_mlp", False), ("verbalizer", None)):
         if getattr(cfg, name) != default:
             raise FedLoraError(f"config key '{name}' needs task=causal-lm")
 

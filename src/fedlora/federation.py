@@ -30,6 +30,8 @@ from fedlora.errors import FedLoraError
 from fedlora.messages import AdapterState
 from fedlora.models import LoRASettings, PeftAdapter, load_classifier
 from fedlora.models.causal_lm import load_causal_lm
+from fedlora.models.device import check_precision, resolve_device
+from fedlora.models.loading import ModelSettings
 
 Log = Callable[[str], None]
 
@@ -133,8 +135,24 @@ def _verbalizer(cfg: Config, dataset: TextDataset, generative: bool) -> list[str
     return list(words)
 
 
+def model_settings(cfg: Config) -> ModelSettings:
+    """Where and in what form the base model lives; checks the device is here (a one-line
+    error before any data is loaded)."""
+    device = resolve_device(cfg.device)
+    check_precision(cfg.precision, device)
+    return ModelSettings(
+        device=str(device),
+        base_dtype=cfg.base_dtype,
+        quantization=cfg.quantization,
+        double_quant=cfg.bnb_double_quant,
+        compute_dtype=cfg.bnb_compute_dtype,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+    )
+
+
 def build_federation(cfg: Config, *, log: Log = stderr_log) -> Federation:
     torch.set_num_threads(cfg.threads)
+    settings = model_settings(cfg)
     generative = cfg.task == "causal-lm" and is_causal_source(
         cfg.dataset, cfg.data_dir, encoding=cfg.encoding
     )
@@ -181,11 +199,15 @@ def build_federation(cfg: Config, *, log: Log = stderr_log) -> Federation:
     verbalizer = _verbalizer(cfg, dataset, generative)
     if cfg.task == "causal-lm":
         model, tokenizer, path = load_causal_lm(
-            cfg.model, lora=lora, seed=cfg.seed, mlp=cfg.lora_mlp, base_dtype=cfg.base_dtype
+            cfg.model, lora=lora, seed=cfg.seed, mlp=cfg.lora_mlp, settings=settings
         )
     else:
         model, tokenizer, path = load_classifier(
-            cfg.model, num_labels=len(dataset.label_names), lora=lora, seed=cfg.seed
+            cfg.model,
+            num_labels=len(dataset.label_names),
+            lora=lora,
+            seed=cfg.seed,
+            settings=settings,
         )
     adapter = PeftAdapter(model, client_alpha=cfg.client_alpha)
     if not adapter.lora_layers:

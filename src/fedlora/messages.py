@@ -8,6 +8,7 @@ Only :mod:`fedlora.models.adapter` translates them to and from PEFT's parameter 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -39,6 +40,14 @@ class AdapterState:
 
     def nbytes(self) -> int:
         return tensor_bytes(self.tensors())
+
+    def to(self, device: torch.device | str) -> AdapterState:
+        """The same state on ``device`` (the CPU at a process boundary)."""
+        return AdapterState(
+            A={k: v.to(device) for k, v in self.A.items()},
+            B={k: v.to(device) for k, v in self.B.items()},
+            head={k: v.to(device) for k, v in self.head.items()},
+        )
 
     def clone(self) -> AdapterState:
         return AdapterState(
@@ -87,6 +96,11 @@ class ClientUpdate:
 
     def nbytes(self) -> int:
         return tensor_bytes([*self.A.values(), *self.B.values(), *self.head.values()])
+
+    def to(self, device: torch.device | str) -> ClientUpdate:
+        """The same reply with its tensors on ``device``."""
+        moved = AdapterState(A=self.A, B=self.B, head=self.head).to(device)
+        return dataclasses.replace(self, A=moved.A, B=moved.B, head=moved.head)
 
     def check_finite(self) -> None:
         """Reject NaN/inf updates before they reach the global adapter."""

@@ -24,6 +24,7 @@ import torch
 from fedlora.data import Encoded
 from fedlora.messages import AdapterState, ClientUpdate, RoundPlan
 from fedlora.models.adapter import PeftAdapter
+from fedlora.models.device import autocast, model_device, to_device
 
 if TYPE_CHECKING:
     from fedlora.config import Config
@@ -57,6 +58,7 @@ class LocalTraining:
     lr_schedule_scope: str = "round"
     rounds: int = 1
     max_grad_norm: float | None = None
+    precision: str = "fp32"
 
     @classmethod
     def from_config(cls, cfg: Config) -> LocalTraining:
@@ -77,6 +79,7 @@ class LocalTraining:
             lr_schedule_scope=cfg.lr_schedule_scope,
             rounds=cfg.rounds,
             max_grad_norm=cfg.max_grad_norm,
+            precision=cfg.precision,
         )
 
     def steps_for(self, num_examples: int) -> int:
@@ -171,20 +174,31 @@ def train_client(
     generator = torch.Generator().manual_seed(client_seed(seed, plan.round, client_id))
     torch.manual_seed(client_seed(seed, plan.round, client_id))  # dropout masks
     model = adapter.model
+    device = model_device(model)
+    # fp16 autocast needs loss scaling (CUDA only, see models.device.check_precision)
+    scaler = torch.amp.GradScaler("cuda") if settings.precision == "fp16" else None
     model.train()
     losses = []
     micro = batch_indices(
         len(data), steps=steps * accum, batch_size=settings.batch_size, generator=generator
     )
     for i, idx in enumerate(micro):
-        loss = model(**data.batch(idx)).loss
-        (loss / accum if accum > 1 else loss).backward()
+        with autocast(settings.precision, device):
+            loss = model(**to_device(data.batch(idx), device)).loss
+        scaled = loss / accum if accum > 1 else loss
+        (scaler.scale(scaled) if scaler else scaled).backward()
         losses.append(loss.item())
         if (i + 1) % accum:
             continue
+        if scaler is not None:
+            scaler.unscale_(optimizer)
         if settings.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-        optimizer.step()
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
     model.eval()

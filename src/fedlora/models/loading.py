@@ -69,6 +69,70 @@ def resolve_model(name: str) -> tuple[str, bool]:
 
 
 @dataclass(frozen=True)
+class ModelSettings:
+    """Where and in what form the frozen base model lives (``fedlora.models.device``)."""
+
+    device: str = "cpu"
+    base_dtype: str = "float32"
+    quantization: str = "none"
+    double_quant: bool = True
+    compute_dtype: str = "float32"
+    gradient_checkpointing: bool = False
+
+    def from_pretrained_kwargs(self, *, skip_modules: list[str]) -> dict[str, Any]:
+        """``dtype`` and, for a quantized base, ``quantization_config`` (and, on a GPU,
+        ``device_map``: bitsandbytes quantizes while the weights move to the device)."""
+        from fedlora.models.device import DTYPES, quantization_config, resolve_device
+
+        kwargs: dict[str, Any] = {"dtype": DTYPES[self.base_dtype]}
+        config = quantization_config(
+            self.quantization,
+            double_quant=self.double_quant,
+            compute_dtype=self.compute_dtype,
+            skip_modules=skip_modules,
+        )
+        if config is not None:
+            kwargs["quantization_config"] = config
+            device = resolve_device(self.device)
+            if device.type != "cpu":
+                kwargs["device_map"] = {"": str(device)}
+        return kwargs
+
+
+def prepare_base(model: Any, settings: ModelSettings, *, head: str | None = None) -> Any:
+    """Move the loaded base to its device, prepare a quantized one for training (PEFT's
+    ``prepare_model_for_kbit_training``) and turn on gradient checkpointing if asked.
+
+    ``head`` names the classification head: when the base is not float32 it is kept in
+    float32 (every client trains and averages it) and its input is cast up to match.
+    """
+    from fedlora.models.device import resolve_device
+
+    if settings.quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=settings.gradient_checkpointing
+        )
+    else:
+        model = model.to(resolve_device(settings.device))
+    if settings.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if head is not None and (settings.base_dtype != "float32" or settings.quantization != "none"):
+        module = model.get_submodule(head)
+        module.float()
+        module.register_forward_pre_hook(_inputs_to_float32)
+    return model
+
+
+def _inputs_to_float32(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+HEAD_MODULES = ("classifier", "score", "pre_classifier")
+
+
+@dataclass(frozen=True)
 class LoRASettings:
     rank: int
     alpha: float
@@ -160,12 +224,18 @@ def attach_lora(
 
 
 def load_classifier(
-    name: str, *, num_labels: int, lora: LoRASettings, seed: int
+    name: str,
+    *,
+    num_labels: int,
+    lora: LoRASettings,
+    seed: int,
+    settings: ModelSettings | None = None,
 ) -> tuple[Any, Any, str]:
     """(PEFT model, tokenizer, resolved path) for sequence classification."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    settings = settings or ModelSettings()
     path, local = resolve_model(name)
     if local:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -180,6 +250,7 @@ def load_classifier(
             local_files_only=local,
             # a checkpoint fine-tuned for another label set keeps its body, gets a new head
             ignore_mismatched_sizes=True,
+            **settings.from_pretrained_kwargs(skip_modules=list(HEAD_MODULES)),
         )
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
     except OSError as exc:
@@ -191,4 +262,6 @@ def load_classifier(
         tokenizer.pad_token = tokenizer.eos_token
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    head = next((h for h in HEAD_MODULES if hasattr(model, h)), None)
+    model = prepare_base(model, settings, head=head)
     return attach_lora(model, lora, seed=seed), tokenizer, path

@@ -40,6 +40,7 @@ from fedlora.client.train import LocalTraining, client_seed, make_optimizer, mak
 from fedlora.data import Encoded
 from fedlora.messages import AdapterState, ClientUpdate, RoundPlan
 from fedlora.models.adapter import PeftAdapter
+from fedlora.models.device import autocast, model_device, to_device
 from fedlora.privacy.accounting import ClientPrivacy
 
 # Offsets the noise stream from the batch-sampling stream of the same (seed, round, client).
@@ -95,6 +96,7 @@ def train_client_dp(
     )
     torch.manual_seed(seed_k)  # dropout masks
     model = adapter.model
+    device = model_device(model)
     wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     losses = []
     try:
@@ -125,7 +127,8 @@ def train_client_dp(
                     for p in params:
                         p.grad_sample = p.new_zeros((0, *p.shape))  # type: ignore[attr-defined]
                 else:
-                    loss = wrapped(**data.batch(idx)).loss
+                    with autocast(settings.precision, device):
+                        loss = wrapped(**to_device(data.batch(idx), device)).loss
                     loss.backward()
                     losses.append(loss.item())
                 optimizer.step()

@@ -63,7 +63,7 @@ def _split_optimizers(
         for idx, values in sd["state"].items():
             for key, value in values.items():
                 if isinstance(value, torch.Tensor):
-                    tensors[f"{cid}/{idx}/{key}"] = value.detach().contiguous()
+                    tensors[f"{cid}/{idx}/{key}"] = value.detach().cpu().contiguous()
                 else:
                     scalars.setdefault(str(idx), {})[key] = value
         meta[str(cid)] = {"param_groups": sd["param_groups"], "scalars": scalars}
@@ -102,8 +102,8 @@ def save_checkpoint(run_path: Path, ckpt: Checkpoint) -> None:
     }
     optim_tensors, optim_meta = _split_optimizers(ckpt.optimizers)
     groups["optim"] = optim_tensors
-    tensors = {
-        f"{group}/{name}": t.detach().contiguous()
+    tensors = {  # to the CPU here, at the boundary: the run itself keeps them on its device
+        f"{group}/{name}": t.detach().cpu().contiguous()
         for group, values in groups.items()
         for name, t in values.items()
     }

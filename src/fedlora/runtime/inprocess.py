@@ -26,6 +26,7 @@ from fedlora.client import LocalTraining, evaluate_split, train_client
 from fedlora.federation import Federation, Log, stderr_log
 from fedlora.messages import AdapterState, ClientUpdate, RoundPlan
 from fedlora.methods import Method
+from fedlora.models.device import model_device
 from fedlora.outputs import RunDir
 from fedlora.outputs.run_dir import read_metrics
 from fedlora.runtime.checkpoint import Checkpoint, capture, debug_kill, restore, save_checkpoint
@@ -44,9 +45,12 @@ def sample_clients(client_ids: list[int], fraction: float, rng: random.Random) -
 def evaluate_global(fed: Federation) -> dict[str, Any]:
     """Global eval set and every client's eval split; causal-LM data adds perplexity."""
     size = fed.cfg.eval_batch_size
-    row: dict[str, Any] = evaluate_split(fed.adapter.model, fed.test, batch_size=size)
+    precision = fed.cfg.precision
+    row: dict[str, Any] = evaluate_split(
+        fed.adapter.model, fed.test, batch_size=size, precision=precision
+    )
     per_client = {
-        cid: evaluate_split(fed.adapter.model, splits.eval, batch_size=size)
+        cid: evaluate_split(fed.adapter.model, splits.eval, batch_size=size, precision=precision)
         for cid, splits in fed.encoded.items()
     }
     row["client_accuracy"] = {cid: m["accuracy"] for cid, m in per_client.items()}
@@ -149,7 +153,9 @@ def run_federated(
 
     if resume is not None:
         rng = restore(resume, adapter=fed.adapter, method=method, privacy=privacy)
-        state, base_total = resume.state, dict(resume.base_total)
+        device = model_device(fed.adapter.model)  # a checkpoint is read onto the CPU
+        state = resume.state.to(device)
+        base_total = {k: v.to(device) for k, v in resume.base_total.items()}
         pending_delta_bytes = resume.pending_delta_bytes
         optimizers = dict(resume.optimizers)
         rows = read_metrics(run_dir.path)

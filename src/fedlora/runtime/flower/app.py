@@ -138,7 +138,10 @@ def _evaluate(msg: Message, context: Context) -> Message:
     client.model.set_base(ins.base_delta)
     client.model.adapter.set_state(ins.state)
     accuracy, loss = evaluate(
-        client.model.adapter.model, client.eval, batch_size=cfg.eval_batch_size
+        client.model.adapter.model,
+        client.eval,
+        batch_size=cfg.eval_batch_size,
+        precision=cfg.precision,
     )
     metrics = MetricRecord(
         {

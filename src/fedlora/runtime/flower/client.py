@@ -27,7 +27,13 @@ import torch
 from fedlora.config import Config
 from fedlora.data import Encoded, TextExamples, encode, load_text_dataset
 from fedlora.errors import FedLoraError
-from fedlora.federation import Federation, build_federation, lora_settings, silent
+from fedlora.federation import (
+    Federation,
+    build_federation,
+    lora_settings,
+    model_settings,
+    silent,
+)
 from fedlora.models import PeftAdapter, load_classifier
 
 
@@ -73,6 +79,10 @@ def local_client(
             "(start it with --node-config 'partition-id=<client id> ...')"
         )
     client_id = int(node_config["partition-id"])  # type: ignore[arg-type]
+    if "device" in node_config:
+        # a SuperNode computes where its own machine can: --node-config "... device=cuda:1"
+        cfg = cfg.replace(device=str(node_config["device"]))
+        config_text = f"{config_text}\n# device: {cfg.device}"
     data_path = node_config.get("data-path")
     if data_path:
         key = (config_text, str(data_path), client_id)
@@ -136,7 +146,11 @@ def _own_data_client(cfg: Config, path: Path, client_id: int, names: list[str]) 
     train = _relabel(data.train, data.label_names, names, path)
     held_out = _relabel(data.test, data.label_names, names, path)
     model, tokenizer, _ = load_classifier(
-        cfg.model, num_labels=len(names), lora=lora_settings(cfg), seed=cfg.seed
+        cfg.model,
+        num_labels=len(names),
+        lora=lora_settings(cfg),
+        seed=cfg.seed,
+        settings=model_settings(cfg),
     )
     adapter = PeftAdapter(model, client_alpha=cfg.client_alpha)
     initial = {k: adapter.base_weight(k).detach().clone() for k in adapter.lora_layers}

@@ -23,9 +23,16 @@ from fedlora.runtime.flower.app import client_app, serve
 
 
 def backend_config(cfg: Config) -> dict[str, Any]:
+    """Ray resources: one CPU per ClientApp actor and ``sim_gpus`` of a GPU each (Flower's
+    ``client_resources``); Ray is given the GPUs torch sees when any share is asked for."""
+    import torch
+
+    gpus = torch.cuda.device_count() if cfg.sim_gpus > 0 else 0
+    if cfg.sim_gpus > 0 and gpus == 0:
+        raise FedLoraError(f"sim_gpus={cfg.sim_gpus:g}: torch sees no CUDA device on this machine")
     return {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cfg.sim_actors, "num_gpus": 0, "include_dashboard": False},
+        "client_resources": {"num_cpus": 1, "num_gpus": float(cfg.sim_gpus)},
+        "init_args": {"num_cpus": cfg.sim_actors, "num_gpus": gpus, "include_dashboard": False},
     }
 
 

@@ -36,6 +36,7 @@ from fedlora.errors import FedLoraError
 from fedlora.federation import Federation, Log
 from fedlora.messages import AdapterState, ClientUpdate, RoundPlan
 from fedlora.methods import Method
+from fedlora.models.device import model_device
 from fedlora.outputs import RunDir
 from fedlora.runtime.flower import codec
 from fedlora.runtime.inprocess import sample_clients
@@ -53,6 +54,7 @@ class FedLoRAStrategy(Strategy):
         self.tag = f"[{method.label}]"
         self.config_text = codec.config_to_text(self.cfg)
         self.scaling = fed.adapter.scaling()
+        self.device = model_device(fed.adapter.model)
         self.state: AdapterState = fed.initial_state.clone()
         self.base_total: dict[str, torch.Tensor] = {}  # folded into the frozen weights so far
         self.pending_delta_bytes = 0  # last round's increment, in the form the method sends it
@@ -164,7 +166,8 @@ class FedLoRAStrategy(Strategy):
                 self._fail(cid, "train", str(reply.error.reason))
                 continue
             try:
-                update = codec.content_to_update(reply.content)
+                # messages arrive on the CPU; the server aggregates on its own device
+                update = codec.content_to_update(reply.content).to(self.device)
                 update.check_finite()
             except (FedLoraError, KeyError, ValueError) as exc:
                 self._fail(cid, "train", str(exc))
@@ -278,7 +281,10 @@ class FedLoRAStrategy(Strategy):
         row = self.row
         if due:
             acc, loss = evaluate(
-                self.fed.adapter.model, self.fed.test, batch_size=self.cfg.eval_batch_size
+                self.fed.adapter.model,
+                self.fed.test,
+                batch_size=self.cfg.eval_batch_size,
+                precision=self.cfg.precision,
             )
             row |= {"accuracy": acc, "loss": loss}
         else:
