@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 
-from fedlora import recipes
 from fedlora.client import LocalTraining, train_client
 from fedlora.config import load_config
 from fedlora.errors import FedLoraError
