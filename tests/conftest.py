@@ -57,4 +57,6 @@ def tiny_overrides(tiny_bert_dir: Path, tmp_path: Path) -> list[str]:
         f"output_dir={tmp_path / 'runs'}",
         "run_name=t",
         "progress=false",
+        # bench/gpu_check.sh runs the tests with the device set to a GPU
+        f"device={os.environ.get('FEDLORA_TEST_DEVICE', 'cpu')}",
     ]

@@ -28,39 +28,44 @@ def run_state(overrides):
     return fed, out["state"]
 
 
-def test_device_cpu_and_the_default_give_the_same_adapter(tiny_overrides):
-    _, explicit = run_state([*tiny_overrides, "device=cpu", "run_name=cpu"])
-    _, default = run_state([*tiny_overrides, "run_name=auto"])  # auto: no GPU here
+def test_an_explicit_device_and_the_default_give_the_same_adapter(tiny_overrides):
+    from fedlora.models.device import resolve_device
+
+    here = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    assert resolve_device("auto") == here  # CUDA when there is one (bench/gpu_check.sh), else CPU
+    without = [o for o in tiny_overrides if not o.startswith("device=")]
+    _, explicit = run_state([*without, f"device={here.type}", "run_name=explicit"])
+    _, default = run_state([*without, "run_name=auto"])
     for layer in explicit.A:
         assert torch.equal(explicit.A[layer], default.A[layer])
         assert torch.equal(explicit.B[layer], default.B[layer])
 
 
-@pytest.mark.parametrize(
-    ("device", "message"),
-    [
-        ("cuda", "device=cuda: torch sees no CUDA device on this machine"),
-        ("cuda:3", "device=cuda:3: torch sees no CUDA device on this machine"),
-        ("gpu", "config key 'device' must be auto, cpu, cuda, cuda:N or mps; got 'gpu'"),
-    ],
-)
-def test_a_device_that_is_not_here_is_one_line_before_any_data(
-    tiny_overrides, device, message, monkeypatch
-):
+def test_a_device_that_is_not_here_is_one_line_before_any_data(tiny_overrides, monkeypatch):
     import fedlora.federation as federation
 
     def no_data(*args, **kwargs):  # pragma: no cover - reaching it is the failure
         raise AssertionError("data was loaded before the device was checked")
 
     monkeypatch.setattr(federation, "load_text_dataset", no_data)
-    with pytest.raises(FedLoraError) as info:
-        build_federation(load_config(None, [*tiny_overrides, f"device={device}"]), log=silent)
-    assert str(info.value) == message
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        expected = f"device=cuda:99: this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1})"
+    else:
+        expected = "device=cuda:99: torch sees no CUDA device on this machine"
+    for device, message in (
+        ("cuda:99", expected),
+        ("gpu", "config key 'device' must be auto, cpu, cuda, cuda:N or mps; got 'gpu'"),
+    ):
+        with pytest.raises(FedLoraError) as info:
+            build_federation(load_config(None, [*tiny_overrides, f"device={device}"]), log=silent)
+        assert str(info.value) == message
 
 
 def test_fp16_needs_cuda(tiny_overrides):
     with pytest.raises(FedLoraError) as info:
-        build_federation(load_config(None, [*tiny_overrides, "precision=fp16"]), log=silent)
+        cfg = load_config(None, [*tiny_overrides, "precision=fp16", "device=cpu"])
+        build_federation(cfg, log=silent)
     assert (
         str(info.value)
         == "precision=fp16 needs a CUDA device (this run is on cpu); use precision=bf16"
