@@ -122,3 +122,24 @@ def test_a_run_that_failed_on_its_data_can_be_rerun_under_the_same_name(
     assert run_cli(capsys, "run", *overrides, f"dataset={bad}", "text_column=sentence")[0] == 0
     code, err = run_cli(capsys, "run", *overrides, f"dataset={bad}", "text_column=sentence")
     assert_one_line_error(code, err, "already holds results")
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("device=cuda:99", "device=cuda:99: "),
+        ("precision=fp8", "config key 'precision' must be one of fp32, bf16, fp16; got 'fp8'"),
+        (
+            "quantization=int4",
+            "config key 'quantization' must be one of none, int8, nf4, fp4; got 'int4'",
+        ),
+        ("quantization=int8 method=flora", "method flora folds increments into the frozen weights"),
+        ("local_steps=0", "config key 'local_steps' must be > 0, got 0"),
+        ("local_epochs=0", "config key 'local_epochs' must be > 0, got 0.0"),
+    ],
+)
+def test_device_precision_and_training_errors_exit_2_in_one_line(
+    capsys, tiny_overrides, override, fragment
+):
+    code, err = run_cli(capsys, "run", *tiny_overrides, *override.split())
+    assert_one_line_error(code, err, fragment)
