@@ -164,23 +164,42 @@ def comparison_table(summaries: dict[str, dict[str, Any]]) -> str:
 
 
 def compare(cfg: Config, *, log: Log = stderr_log) -> dict[str, dict[str, Any]]:
-    """Every method in ``cfg.methods`` on the same data, partition, seed and starting model."""
-    if cfg.runtime != "inprocess":
+    """Every method in ``cfg.methods`` on the same data, partition, seed and starting model:
+    in-process, or one after another on one simulated Flower federation
+    (``runtime=flower-sim``)."""
+    if cfg.runtime == "flower":
         raise FedLoraError(
-            "fedlora compare runs in-process (runtime=inprocess); on Flower, "
-            "run one method at a time: fedlora run ... method=<name> runtime=" + cfg.runtime
+            "fedlora compare runs in-process or on Flower's simulation engine "
+            "(runtime=inprocess or flower-sim); on a deployment run one method at a time: "
+            "fedlora run ... method=<name> runtime=flower"
         )
     root = Path(cfg.output_dir) / (cfg.run_name or default_run_name(cfg, "compare"))
-    run_dirs = {m: RunDir(root / m, overwrite=cfg.overwrite) for m in cfg.methods}
-    fed = build_federation(cfg, log=log)
-    summaries = {}
-    for method in cfg.methods:
-        method_cfg = with_method_defaults(cfg.replace(method=method, run_name=None))
-        fed.cfg = method_cfg
-        summaries[method] = run_method(method_cfg, fed, run_dirs[method], log=log)
+    methods = list(cfg.methods)
+    if cfg.runtime == "flower-sim":
+        if "centralized" in methods:
+            log("centralized pools every client's data on one trainer: not run on Flower")
+            methods.remove("centralized")
+        if not methods:
+            raise FedLoraError("no federated method left to compare on Flower")
+        from fedlora.runtime.flower.sim import run_simulations  # Flower loads only when used
+
+        cfgs = [
+            with_method_defaults(cfg.replace(method=m, output_dir=str(root), run_name=m))
+            for m in methods
+        ]
+        summaries = dict(zip(methods, run_simulations(cfgs, log=log), strict=True))
+    else:
+        run_dirs = {m: RunDir(root / m, overwrite=cfg.overwrite) for m in methods}
+        fed = build_federation(cfg, log=log)
+        summaries = {}
+        for method in methods:
+            method_cfg = with_method_defaults(cfg.replace(method=method, run_name=None))
+            fed.cfg = method_cfg
+            summaries[method] = run_method(method_cfg, fed, run_dirs[method], log=log)
+    fed_name = next(iter(summaries.values()))["dataset"]
     table = comparison_table(summaries)
     header = (
-        f"# fedlora compare: {fed.dataset.name}, model {cfg.model}, {cfg.num_clients} clients "
+        f"# fedlora compare: {fed_name}, model {cfg.model}, {cfg.num_clients} clients "
         f"({cfg.partition} partition), {cfg.rounds} rounds x {cfg.local_steps} local steps, "
         f"rank {cfg.rank}, seed {cfg.seed}\n\n"
     )
@@ -188,7 +207,7 @@ def compare(cfg: Config, *, log: Log = stderr_log) -> dict[str, dict[str, Any]]:
     plot_comparison(
         {m: s["rows"] for m, s in summaries.items()},
         root / "comparison.png",
-        title=f"{fed.dataset.name}, {cfg.num_clients} clients",
+        title=f"{fed_name}, {cfg.num_clients} clients",
     )
     print(header + table, flush=True)
     log(f"wrote {root / 'comparison.md'} and {root / 'comparison.png'}")

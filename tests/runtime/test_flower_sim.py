@@ -148,3 +148,31 @@ def test_failing_client_is_logged_and_too_few_replies_stop_the_run(tiny_override
     kept = read_metrics(tmp_path / "stops")
     assert [r["round"] for r in kept] == [0, 1]
     assert not (tmp_path / "stops" / "summary.json").exists()
+
+
+def test_compare_on_flower_sim_runs_every_method_like_inprocess(tiny_overrides, tmp_path):
+    """fedlora compare runtime=flower-sim: every federated method one after another on one
+    simulated federation (same partition), each ending with the in-process adapter;
+    centralized, which pools the data, is left out with a log line."""
+    overrides = [*tiny_overrides, "methods=[fedavg,rolora,centralized]", "run_name=cmp"]
+    lines: list[str] = []
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    sim = recipes.compare(
+        load_config(None, [*overrides, "runtime=flower-sim", f"output_dir={tmp_path}/sim"]),
+        log=lines.append,
+    )
+    left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    assert not psutil.wait_procs(left, timeout=30)[1]
+    assert list(sim) == ["fedavg", "rolora"]
+    assert "centralized pools every client's data on one trainer: not run on Flower" in lines
+    local = recipes.compare(
+        load_config(None, [*overrides, "methods=[fedavg,rolora]", f"output_dir={tmp_path}/local"]),
+        log=silent,
+    )
+    for m in ("fedavg", "rolora"):
+        assert_tensors_close(
+            adapter(tmp_path / "sim" / "cmp" / m), adapter(tmp_path / "local" / "cmp" / m)
+        )
+        assert sim[m]["client_train_sizes"] == local[m]["client_train_sizes"]
+    table = (tmp_path / "sim" / "cmp" / "comparison.md").read_text()
+    assert "| fedavg |" in table and "| rolora |" in table and "centralized" not in table
