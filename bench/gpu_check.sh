@@ -13,8 +13,8 @@ PY=${PY:-.venv/bin/python}
   || { echo "gpu_check: torch sees no CUDA device here" >&2; exit 2; }
 "$PY" -c "import torch; print('device:', torch.cuda.get_device_name(0), 'torch', torch.__version__)"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-FEDLORA_TEST_DEVICE=cuda timeout 300 "$PY" -m pytest -q -x -p no:cacheprovider \
+FEDLORA_TEST_DEVICE=cuda timeout 240 "$PY" -m pytest -q -x -p no:cacheprovider \
   tests/models tests/client tests/aggregation tests/methods \
   tests/runtime/test_inprocess.py tests/runtime/test_correctness.py tests/llm/test_llm_rounds.py
-timeout 180 "$PY" bench/precision.py --device cuda --compare-cpu --steps 3 --warmup 1 \
+timeout 200 "$PY" bench/precision.py --device cuda --compare-cpu --steps 3 --warmup 1 --child-timeout 60 \
   --variants minilm:fp32 minilm:bf16 smollm2:bf16 smollm2:int8 smollm2:nf4

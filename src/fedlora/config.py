@@ -299,12 +299,21 @@ def _check_device_options(cfg: Config) -> None:
     _choice(cfg, "bnb_compute_dtype", COMPUTE_DTYPES)
     if cfg.sim_gpus < 0:
         raise FedLoraError(f"config key 'sim_gpus' must be >= 0, got {cfg.sim_gpus}")
-    if cfg.quantization == "none":
-        return
-    if importlib.util.find_spec("bitsandbytes") is None:
+    if cfg.runtime == "flower-sim" and cfg.device.startswith("cuda") and cfg.sim_gpus == 0:
+        raise FedLoraError(
+            f"device={cfg.device} on flower-sim needs sim_gpus > 0 (a GPU share per actor: "
+            "Ray hides the GPUs from actors that asked for none)"
+        )
+    if cfg.precision == "fp16" and cfg.dp.enabled:
+        raise FedLoraError(
+            "precision=fp16 is not supported with dp.* (no loss scaling of per-example gradients); use precision=bf16"
+        )
+    if cfg.quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
         raise FedLoraError(
             f"quantization={cfg.quantization} needs bitsandbytes (pip install bitsandbytes==0.50.2)"
         )
+    if cfg.quantization == "none":
+        return
     phases = [p.method for p in cfg.schedule or []]
     folding = sorted({cfg.method, *cfg.methods, *phases} & set(FOLDING_METHODS))
     if folding:

@@ -82,7 +82,7 @@ class Federation:
         """Back to the starting model (used between methods in ``fedlora compare``)."""
         with torch.no_grad():
             for layer, weight in self.initial_base.items():
-                self.adapter.base_weight(layer).copy_(weight)
+                self.adapter.set_base(layer, weight)
         self.adapter.set_state(self.initial_state)
         return self.initial_state.clone()
 

@@ -198,9 +198,14 @@ def compare(cfg: Config, *, log: Log = stderr_log) -> dict[str, dict[str, Any]]:
             summaries[method] = run_method(method_cfg, fed, run_dirs[method], log=log)
     fed_name = next(iter(summaries.values()))["dataset"]
     table = comparison_table(summaries)
+    work = (
+        f"{cfg.local_epochs:g} local epochs"
+        if cfg.local_epochs is not None
+        else f"{cfg.local_steps} local steps"
+    )
     header = (
         f"# fedlora compare: {fed_name}, model {cfg.model}, {cfg.num_clients} clients "
-        f"({cfg.partition} partition), {cfg.rounds} rounds x {cfg.local_steps} local steps, "
+        f"({cfg.partition} partition), {cfg.rounds} rounds x {work}, "
         f"rank {cfg.rank}, seed {cfg.seed}\n\n"
     )
     (root / "comparison.md").write_text(header + table + "\n")

@@ -162,8 +162,8 @@ def test_lora_mlp_targets(which, expected, tiny_llama_dir, tiny_gpt2_dir, llm_ov
 def test_causal_lm_config_errors(tiny_llama_dir, llm_overrides, tmp_path: Path):
     from fedlora.errors import FedLoraError
 
-    with pytest.raises(FedLoraError, match="^config key 'base_dtype' needs task=causal-lm$"):
-        load_config(None, ["base_dtype=bfloat16"])
+    with pytest.raises(FedLoraError, match="^config key 'lora_mlp' needs task=causal-lm$"):
+        load_config(None, ["lora_mlp=true"])
     with pytest.raises(
         FedLoraError,
         match="^config key 'task' must be one of classification, causal-lm; got 'seq2seq'$",

@@ -177,3 +177,25 @@ def test_the_smollm2_cache_never_keeps_the_gguf_quantization_config(tmp_path):
     assert json.loads(config.read_text()) == {"model_type": "llama"}
     _drop_gguf_quantization(config)  # idempotent
     assert json.loads(config.read_text()) == {"model_type": "llama"}
+
+
+def test_a_bfloat16_base_folds_without_losing_increments(tiny_overrides, tmp_path):
+    """FedEx-LoRA on a bfloat16 base: the folded sum is kept in float32 and the held weight
+    is its rounding, so the increments never round away (adding a small increment to a bf16
+    weight directly lost most of it every round)."""
+    from fedlora.outputs import RunDir
+    from fedlora.runtime import run_federated
+
+    cfg = load_config(None, [*tiny_overrides, "base_dtype=bfloat16", "method=fedex", "rounds=3"])
+    fed = build_federation(cfg, log=silent)
+    run_federated(fed, build_method("fedex", cfg), RunDir(tmp_path / "bf"), log=silent)
+    from safetensors.torch import load_file
+
+    total = load_file(str(tmp_path / "bf" / "adapter" / "base_delta.safetensors"))
+    for layer, delta in total.items():
+        exact = fed.initial_base[layer].float() + delta
+        torch.testing.assert_close(fed.adapter.exact_base(layer), exact, rtol=0, atol=1e-6)
+        assert torch.equal(
+            fed.adapter.base_weight(layer), fed.adapter.exact_base(layer).to(torch.bfloat16)
+        )
+        assert float(delta.abs().max()) > 0

@@ -35,6 +35,7 @@ class PeftAdapter:
             if isinstance(module, LoraLayer)
         }
         self.rank = int(peft_model.peft_config["default"].r)
+        self._exact: dict[str, torch.Tensor] = {}  # float32 folded weights of a bf16 base
         self.rank_adapters: dict[int, str] = {self.rank: "default"}
         self.head_params = self._head_params("default")
 
@@ -121,13 +122,42 @@ class PeftAdapter:
     def base_weight(self, layer: str) -> torch.Tensor:
         return cast(torch.Tensor, self.lora_layers[layer].get_base_layer().weight)
 
+    def exact_base(self, layer: str) -> torch.Tensor:
+        """The frozen weight as aggregation made it: float32, even when the model holds it in
+        bfloat16 (what checkpoints save, so that a resumed run folds onto the same value)."""
+        return self._exact.get(layer, self.base_weight(layer))
+
+    @torch.no_grad()
+    def set_base(self, layer: str, weight: torch.Tensor) -> None:
+        """Set a frozen weight (as :meth:`exact_base` returned it, or the pretrained one)."""
+        held = self.base_weight(layer)
+        held.copy_(weight.to(device=held.device, dtype=held.dtype))
+        if held.dtype == torch.float32:
+            self._exact.pop(layer, None)
+        else:
+            self._exact[layer] = weight.to(device=held.device, dtype=torch.float32).clone()
+
     @torch.no_grad()
     def add_to_base(self, layer: str, delta: torch.Tensor) -> None:
         """``W0 += delta`` with ``delta`` of shape ``(out, in)``.
 
-        transformers' ``Conv1D`` (GPT-2) stores its weight transposed, ``(in, out)``.
+        transformers' ``Conv1D`` (GPT-2) stores its weight transposed, ``(in, out)``. A base
+        held in bfloat16 cannot take a small increment (rounding to bf16 would drop most of
+        it every round): the sum is kept in float32 (:meth:`exact_base`) and the held weight
+        is its rounding, so the rounding never accumulates.
         """
-        _fold(self.lora_layers[layer].get_base_layer(), delta)
+        base = self.lora_layers[layer].get_base_layer()
+        held = cast(torch.Tensor, base.weight)
+        if held.dtype == torch.float32:
+            _fold(base, delta)
+            return
+        exact = self._exact.get(layer)
+        if exact is None:
+            exact = held.detach().to(torch.float32).clone()
+        oriented = delta.T if type(base).__name__ == "Conv1D" else delta
+        exact.add_(oriented.to(device=exact.device, dtype=torch.float32))
+        self._exact[layer] = exact
+        held.copy_(exact.to(held.dtype))
 
     # -- on disk ---------------------------------------------------------------------------
 

@@ -220,7 +220,7 @@ def capture(
 def restore(ckpt: Checkpoint, *, adapter: Any, method: Any, privacy: Any | None) -> random.Random:
     """Put the model, the method and the accountants back as they were; return the sampler."""
     for layer, weight in ckpt.base.items():
-        adapter.base_weight(layer).copy_(weight)
+        adapter.set_base(layer, weight)
     adapter.set_state(ckpt.state)
     method.load_state_dict(ckpt.method_state)
     if privacy is not None:

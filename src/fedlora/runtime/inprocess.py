@@ -75,10 +75,14 @@ def _train_round(
     settings = LocalTraining.from_config(cfg)
     if method.pools_clients:
         # Same total steps as the sampled clients together, on their pooled data.
-        settings = replace(settings, local_steps=cfg.local_steps * len(starts))
+        steps = sum(settings.steps_for(len(fed.encoded[cid].train)) for cid in starts)
+        settings = replace(settings, local_steps=steps, local_epochs=None)
         jobs = [(0, next(iter(starts.values())), fed.pooled_train)]
     else:
         jobs = [(cid, start, fed.encoded[cid].train) for cid, start in starts.items()]
+    if method.keeps_optimizer:
+        # one ordinary run: one optimizer and one learning-rate schedule for all its rounds
+        settings = replace(settings, lr_schedule_scope="run")
     updates = []
     for cid, start, data in jobs:
         train = train_client if privacy is None else privacy.trainer(cid)  # DP wraps the trainer
@@ -143,7 +147,7 @@ def run_federated(
                 method=method,
                 rng=rng,
                 base_total=base_total,
-                base_weight=fed.adapter.base_weight,
+                base_weight=fed.adapter.exact_base,
                 pending_delta_bytes=pending_delta_bytes,
                 privacy=privacy,
                 optimizers=optimizers,

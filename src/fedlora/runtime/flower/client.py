@@ -51,7 +51,7 @@ class LocalModel:
         if not base_delta and not self.folded:
             return
         for layer, weight in self.initial_base.items():
-            self.adapter.base_weight(layer).copy_(weight)
+            self.adapter.set_base(layer, weight)
             if layer in base_delta:
                 self.adapter.add_to_base(layer, base_delta[layer])
         self.folded = bool(base_delta)
