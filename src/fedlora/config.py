@@ -427,6 +427,9 @@ def _check_task_options(cfg: Config) -> None:
 # --- loading -----------------------------------------------------------------------------
 
 
+_NONE_IS_A_CHOICE = {"quantization"}
+
+
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Check ``value`` against a field annotation (the subset of types Config uses)."""
     origin = get_origin(annotation)
@@ -472,6 +475,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             raise FedLoraError(f"config key '{key}' must be a number, got {value!r}")
         return float(value)
     if annotation is str:
+        if value is None and key in _NONE_IS_A_CHOICE:
+            return "none"  # `quantization=none` on the command line parses as null
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise FedLoraError(f"config key '{key}' must be a string, got {value!r}")
         return str(value)

@@ -99,3 +99,10 @@ def test_nested_override_parsing():
             "accountant": "rdp",
         }  # PyYAML: no dot, a string; coerced by field type
     }
+
+
+def test_quantization_none_on_the_command_line_is_the_choice_not_null():
+    from fedlora.config import load_config
+
+    assert load_config(None, ["quantization=none"]).quantization == "none"
+    assert load_config(None, ["quantization=nf4"]).quantization == "nf4"
