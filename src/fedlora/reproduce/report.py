@@ -11,6 +11,7 @@ clients).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 from collections.abc import Mapping, Sequence
@@ -20,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from fedlora.config import Config
 from fedlora.errors import FedLoraError
 from fedlora.outputs import best_row, read_metrics
 
@@ -64,7 +66,7 @@ def find_runs(root: str | Path) -> list[Run]:
         runs.append(
             Run(
                 path=path,
-                config=yaml.safe_load((path / "config.yaml").read_text()),
+                config=_with_defaults(yaml.safe_load((path / "config.yaml").read_text())),
                 summary=json.loads(summary.read_text()),
                 rows=read_metrics(path),
             )
@@ -72,6 +74,14 @@ def find_runs(root: str | Path) -> list[Run]:
     if not runs:
         raise FedLoraError(f"no finished runs (summary.json + config.yaml) under {root}")
     return runs
+
+
+def _with_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's config with the keys it predates at their defaults: a run written before a
+    key existed ran as that key's default does (keys are added without changing what an
+    existing config computes), so it is not a difference between rows."""
+    defaults = dataclasses.asdict(Config())
+    return {**{k: v for k, v in defaults.items() if k not in config}, **config}
 
 
 def _key(value: Any) -> str:
