@@ -42,13 +42,13 @@ def test_report_table_mean_std_over_seeds(tmp_path):
 def test_a_key_a_run_predates_is_its_default_not_a_column():
     from pathlib import Path
 
-    from fedlora.reproduce.report import Run, _with_defaults, group_runs
+    from fedlora.reproduce.report import Run, group_runs
 
-    old = _with_defaults({"method": "fedavg", "seed": 0})  # written before `precision` existed
-    new = _with_defaults({"method": "fedavg", "seed": 1, "precision": "fp32"})
+    old = {"method": "fedavg", "seed": 0}  # written before `precision` existed
+    new = {"method": "fedavg", "seed": 1, "precision": "fp32"}
     rows = [{"round": 0, "accuracy": 0.5, "upload_bytes": 0}]
     varying, groups = group_runs([Run(Path("a"), old, {}, rows), Run(Path("b"), new, {}, rows)])
     assert varying == [] and len(groups) == 1 and len(groups[0][1]) == 2
-    bf16 = _with_defaults({"method": "fedavg", "seed": 2, "precision": "bf16"})
+    bf16 = {"method": "fedavg", "seed": 2, "precision": "bf16"}
     varying, _ = group_runs([Run(Path("a"), old, {}, rows), Run(Path("c"), bf16, {}, rows)])
     assert varying == ["precision"]

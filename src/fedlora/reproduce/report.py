@@ -66,7 +66,7 @@ def find_runs(root: str | Path) -> list[Run]:
         runs.append(
             Run(
                 path=path,
-                config=_with_defaults(yaml.safe_load((path / "config.yaml").read_text())),
+                config=yaml.safe_load((path / "config.yaml").read_text()),
                 summary=json.loads(summary.read_text()),
                 rows=read_metrics(path),
             )
@@ -91,10 +91,11 @@ def _key(value: Any) -> str:
 def group_runs(runs: Sequence[Run]) -> tuple[list[str], list[tuple[dict[str, Any], list[Run]]]]:
     """Rows of runs equal but for the seed, and the config keys that tell rows apart."""
     keys = sorted({k for r in runs for k in r.config} - _IGNORED)
-    varying = [k for k in keys if len({_key(r.config.get(k)) for r in runs}) > 1]
+    configs = [_with_defaults(dict(r.config)) for r in runs]
+    varying = [k for k in keys if len({_key(c.get(k)) for c in configs}) > 1]
     groups: dict[str, tuple[dict[str, Any], list[Run]]] = {}
-    for run in runs:
-        ident = {k: run.config.get(k) for k in varying}
+    for run, config in zip(runs, configs, strict=True):
+        ident = {k: config.get(k) for k in varying}
         groups.setdefault(_key(ident), (ident, []))[1].append(run)
     return varying, list(groups.values())
 
