@@ -38,6 +38,23 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def no_dropout_bert_dir(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny BERT without dropout: a batched forward then equals per-example forwards,
+    and equal gradients mean equal steps."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    config = BertConfig.from_pretrained(tiny_bert_dir)
+    config.hidden_dropout_prob = 0.0
+    config.attention_probs_dropout_prob = 0.0
+    path = tmp_path_factory.mktemp("tiny-bert-no-dropout")
+    BertForSequenceClassification.from_pretrained(tiny_bert_dir, config=config).save_pretrained(
+        path
+    )
+    AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def tiny_overrides(tiny_bert_dir: Path, tmp_path: Path) -> list[str]:
     """A fast federated run: tiny BERT, 150 real BBC articles, 3 clients, 2 rounds."""

@@ -2,7 +2,6 @@
 (transformers' functions, checked against their formulas) and gradient clipping."""
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,25 +14,9 @@ from fedlora.federation import build_federation, silent
 from fedlora.messages import RoundPlan
 
 
-@pytest.fixture(scope="module")
-def quiet_bert_dir(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny BERT without dropout, so that equal gradients mean equal steps."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    config = BertConfig.from_pretrained(tiny_bert_dir)
-    config.hidden_dropout_prob = 0.0
-    config.attention_probs_dropout_prob = 0.0
-    path = tmp_path_factory.mktemp("tiny-bert-quiet")
-    BertForSequenceClassification.from_pretrained(tiny_bert_dir, config=config).save_pretrained(
-        path
-    )
-    AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(path)
-    return path
-
-
 @pytest.fixture
-def fed(quiet_bert_dir, tiny_overrides):
-    cfg = load_config(None, [*tiny_overrides, f"model={quiet_bert_dir}"])
+def fed(no_dropout_bert_dir, tiny_overrides):
+    cfg = load_config(None, [*tiny_overrides, f"model={no_dropout_bert_dir}"])
     return build_federation(cfg, log=silent)
 
 

@@ -1,7 +1,5 @@
 """DP-SGD on a client: per-example clipping, noise, and Opacus' wrapper not leaking."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -14,22 +12,6 @@ from fedlora.methods import METHOD_NAMES, build_method
 from fedlora.outputs import RunDir, read_metrics
 from fedlora.privacy import ClientPrivacy, train_client_dp
 from fedlora.runtime import run_federated
-
-
-@pytest.fixture(scope="module")
-def no_dropout_bert_dir(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny BERT without dropout: a batched forward then equals per-example forwards."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    config = BertConfig.from_pretrained(tiny_bert_dir)
-    config.hidden_dropout_prob = 0.0
-    config.attention_probs_dropout_prob = 0.0
-    path = tmp_path_factory.mktemp("tiny-bert-no-dropout")
-    BertForSequenceClassification.from_pretrained(tiny_bert_dir, config=config).save_pretrained(
-        path
-    )
-    AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(path)
-    return path
 
 
 @pytest.fixture
