@@ -427,9 +427,6 @@ def _check_task_options(cfg: Config) -> None:
 # --- loading -----------------------------------------------------------------------------
 
 
-_NONE_IS_A_CHOICE = {"quantization"}
-
-
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Check ``value`` against a field annotation (the subset of types Config uses)."""
     origin = get_origin(annotation)
@@ -475,8 +472,10 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             raise FedLoraError(f"config key '{key}' must be a number, got {value!r}")
         return float(value)
     if annotation is str:
-        if value is None and key in _NONE_IS_A_CHOICE:
-            return "none"  # `quantization=none` on the command line parses as null
+        if value is None:
+            # an override `key=none` parses as null; a string key cannot be null, so it
+            # means the word (`quantization=none`; elsewhere a bad choice names it)
+            return "none"
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise FedLoraError(f"config key '{key}' must be a string, got {value!r}")
         return str(value)

@@ -204,8 +204,8 @@ def run_federated(
             adapter=fed.adapter,
             base_total=base_total,
             download_bytes=download,
+            clients=sampled,  # centralized replies as one trainer for all of them
         )
-        row["clients"] = sampled  # centralized replies as one trainer for all of them
         pending_delta_bytes = result.delta_bytes
         state = result.state
         t_agg = time.perf_counter() - t0

@@ -32,13 +32,15 @@ def apply_round(
     adapter: PeftAdapter,
     base_total: dict[str, torch.Tensor],
     download_bytes: int,
+    clients: Sequence[int] | None = None,
 ) -> tuple[Aggregate, dict[str, Any]]:
     """Aggregate ``updates`` (sorted by client) into the next global adapter.
 
     ``base_total`` (the sum of everything folded into the frozen weights so far) is updated
     in place; the model in ``adapter`` holds the new global adapter on return. Returns the
     method's :class:`~fedlora.methods.Aggregate` and the round's metrics row (without the
-    evaluation and timings, which the runtime adds).
+    evaluation and timings, which the runtime adds). ``clients``: who the row lists as
+    having trained (default: the clients that replied).
     """
     weights = client_weights(updates, weighting, method)
     result = method.aggregate(
@@ -51,7 +53,7 @@ def apply_round(
     adapter.set_state(result.state)
     row = round_row(
         plan=plan,
-        clients=[u.client_id for u in updates],
+        clients=list(clients) if clients is not None else [u.client_id for u in updates],
         updates=updates,
         download_bytes=download_bytes,
         result=result,
