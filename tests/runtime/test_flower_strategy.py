@@ -18,6 +18,7 @@ from fedlora.methods import build_method
 from fedlora.outputs import RunDir
 from fedlora.runtime.flower import app
 from fedlora.runtime.flower.strategy import FedLoRAStrategy
+from fedlora.runtime.server import Server
 
 NODES = {0: 1000, 1: 1001, 2: 1002}  # client id -> SuperNode id
 
@@ -34,9 +35,10 @@ def task_identity(monkeypatch):
 def strategy_for(tiny_overrides, tmp_path, *extra: str) -> FedLoRAStrategy:
     cfg = load_config(None, [*tiny_overrides, "method=fedavg", "runtime=flower-sim", *extra])
     fed = build_federation(cfg, log=silent)
-    strategy = FedLoRAStrategy(
-        method=build_method("fedavg", cfg), fed=fed, run_dir=RunDir(tmp_path / "run"), log=silent
+    server = Server(
+        fed=fed, method=build_method("fedavg", cfg), run_dir=RunDir(tmp_path / "run"), log=silent
     )
+    strategy = FedLoRAStrategy(server=server)
     strategy.nodes = dict(NODES)
     return strategy
 

@@ -14,7 +14,6 @@ with every message.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from fedlora.outputs import RunDir
 from fedlora.runtime.flower import codec
 from fedlora.runtime.flower.client import local_client
 from fedlora.runtime.flower.strategy import FedLoRAStrategy
+from fedlora.runtime.server import Server
 
 RUN_CONFIG_KEY = "fedlora-config"
 
@@ -42,26 +42,11 @@ def run_rounds(
     grid: Grid, fed: Federation, method: Method, run_dir: RunDir, *, log: Log
 ) -> dict[str, Any]:
     """The in-process ``run_federated`` contract, with the clients behind a Flower grid."""
-    cfg = fed.cfg
-    fed.reset()
-    strategy = FedLoRAStrategy(method=method, fed=fed, run_dir=run_dir, log=log)
+    server = Server(fed=fed, method=method, run_dir=run_dir, log=log)
+    strategy = FedLoRAStrategy(server=server)
     strategy.connect(grid)
-    strategy.evaluate_round_zero(grid)
-    strategy.start(
-        grid=grid,
-        initial_arrays=codec.state_to_record(strategy.state),
-        num_rounds=cfg.rounds,
-        timeout=cfg.round_timeout,
-        evaluate_fn=strategy.evaluate_global,
-    )
-    fed.adapter.save(run_dir.adapter_dir, strategy.state, strategy.base_total)
-    return {
-        "rows": strategy.rows,
-        "state": strategy.state,
-        "method_state": method.state_dict(),
-        "wall_time_s": time.perf_counter() - strategy.started,
-        "client_train_sizes": dict(sorted(strategy.train_sizes.items())),
-    }
+    strategy.start(grid=grid)
+    return server.finish()
 
 
 def serve(grid: Grid, cfg: Config, *, log: Log = stderr_log) -> dict[str, Any]:

@@ -1,74 +1,67 @@
-"""A Flower strategy that asks a fedlora method its two questions.
+"""A Flower strategy over the fedlora server: it only moves messages.
 
-:class:`FedLoRAStrategy` implements Flower's ``Strategy`` by delegation, with no
-aggregation rule of its own:
+:class:`FedLoRAStrategy` implements Flower's ``Strategy`` by delegation to a
+:class:`~fedlora.runtime.server.Server`, with no server logic of its own:
 
-- ``configure_train``: ``method.plan(t)`` says what clients train; the clients are sampled
-  exactly as in-process (:func:`~fedlora.runtime.inprocess.sample_clients`, same seed);
-  each sampled client's SuperNode gets the adapter to start from.
+- ``configure_train``: ``server.begin_round(t)`` plans and samples (same seed, same
+  clients as in-process); each sampled client's SuperNode gets the adapter to start from.
 - ``aggregate_train``: failed or missing replies are logged and dropped; if at least
-  ``min_clients`` replied, ``method.aggregate(...)`` combines the rest (sorted by client,
-  so the result does not depend on the order replies arrive in).
+  ``min_clients`` replied, ``server.finish_round`` aggregates the rest.
 - ``configure_evaluate`` / ``aggregate_evaluate``: every SuperNode evaluates the global
   adapter on its own eval split (``client_accuracy``); the replies also tell which
   SuperNode holds which client (its ``partition-id``).
-- :meth:`evaluate_global` (Flower's ``evaluate_fn``): the server evaluates the global
-  adapter on the global eval set and writes the round's row to ``metrics.jsonl``.
+- :meth:`evaluate_global`: the server evaluates the global adapter on the global eval set
+  and ``server.end_round`` writes the round's row and checkpoint.
 
-Flower's ``Strategy.start`` runs the rounds.
+:meth:`FedLoRAStrategy.start` runs the rounds still to run: all of them, or those after
+the checkpoint of a resumed run.
 """
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Iterable
 from typing import Any
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedlora.client import evaluate
+from fedlora.client import evaluate_split
 from fedlora.config import Config
 from fedlora.errors import FedLoraError
 from fedlora.federation import Federation, Log
 from fedlora.messages import AdapterState, ClientUpdate, RoundPlan
-from fedlora.methods import Method
 from fedlora.models.device import model_device
-from fedlora.outputs import RunDir
 from fedlora.runtime.flower import codec
-from fedlora.runtime.inprocess import sample_clients
-from fedlora.runtime.rows import eval_due, progress_line, start_row
-from fedlora.runtime.server import apply_round
+from fedlora.runtime.server import RoundStart, Server
+
+# What a SuperNode's evaluation reply may carry, per client.
+EVAL_METRICS = ("accuracy", "loss", "perplexity")
 
 
 class FedLoRAStrategy(Strategy):
-    def __init__(self, *, method: Method, fed: Federation, run_dir: RunDir, log: Log) -> None:
-        self.method = method
-        self.fed = fed  # the server's model (global evaluation, folded increments) and eval set
-        self.cfg: Config = fed.cfg
-        self.run_dir = run_dir
-        self.log = log
-        self.tag = f"[{method.label}]"
+    """Flower's ``Strategy`` over a fedlora :class:`~fedlora.runtime.server.Server`: it only
+    turns the server's decisions into messages and the replies back."""
+
+    def __init__(self, *, server: Server) -> None:
+        self.server = server
+        self.fed: Federation = server.fed  # the server's model and global eval set
+        self.cfg: Config = server.cfg
+        self.log: Log = server.log
+        self.tag = server.tag
         self.config_text = codec.config_to_text(self.cfg)
-        self.scaling = fed.adapter.scaling()
-        self.device = model_device(fed.adapter.model)
-        self.state: AdapterState = fed.initial_state.clone()
-        self.base_total: dict[str, torch.Tensor] = {}  # folded into the frozen weights so far
-        self.pending_delta_bytes = 0  # last round's increment, in the form the method sends it
-        self.rng = random.Random(self.cfg.seed)
+        self.device = model_device(self.fed.adapter.model)
         self.nodes: dict[int, int] = {}  # client id -> SuperNode id
         self.outbox: list[Message] = []  # this stage's messages (the grid sets their ids)
-        self.train_sizes: dict[int, int] = {}
-        self.rows: list[dict[str, Any]] = []
-        self.row: dict[str, Any] = start_row(method.name)
+        self.current: RoundStart | None = None
+        self.row: dict[str, Any] = {}
         self.failures: list[dict[str, Any]] = []
-        self.plan: RoundPlan | None = None
-        self.sampled: list[int] = []
-        self.started = time.perf_counter()
-        self.clock = self.started
+        self.clock = time.perf_counter()
+
+    @property
+    def state(self) -> AdapterState:
+        return self.server.state
 
     def summary(self) -> None:
         self.log(
@@ -76,6 +69,25 @@ class FedLoRAStrategy(Strategy):
             f"client_fraction {self.cfg.client_fraction}, min_clients {self.cfg.min_clients}, "
             f"round timeout {self.cfg.round_timeout:.0f}s"
         )
+
+    def start(self, *, grid: Grid, **_: Any) -> None:  # type: ignore[override]
+        """The rounds still to run (all of them, or those after a resumed checkpoint): each
+        a training stage, an evaluation stage on the SuperNodes, and the server's global
+        evaluation, as Flower's ``Strategy.start`` runs them."""
+        timeout = self.cfg.round_timeout
+        if self.server.needs_round_zero:
+            self.evaluate_round_zero(grid)
+            self.evaluate_global(0)
+        else:
+            self.find_nodes(grid)
+        for t in self.server.rounds():
+            messages = self.configure_train(t, ArrayRecord(), ConfigRecord(), grid)
+            if self.current is None:
+                break  # no client can train any more
+            self.aggregate_train(t, grid.send_and_receive(messages, timeout=timeout))
+            messages = self.configure_evaluate(t, ArrayRecord(), ConfigRecord(), grid)
+            self.aggregate_evaluate(t, grid.send_and_receive(messages, timeout=timeout))
+            self.evaluate_global(t)
 
     # -- SuperNodes ---------------------------------------------------------------------
 
@@ -106,7 +118,7 @@ class FedLoRAStrategy(Strategy):
             config=self.config_text,
             label_names=list(self.fed.dataset.label_names),
             state=state,
-            base_delta=self.base_total,
+            base_delta=self.server.base_total,
             plan=plan,
         )
 
@@ -119,27 +131,16 @@ class FedLoRAStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        # ``arrays`` encodes ``self.state``; the state itself is kept because some methods
-        # (FLoRA) start each client from its own adapter (``client_start``).
         self.row, self.failures = {}, []
-        self.plan = plan = self.method.plan(server_round)
-        self.sampled = sample_clients(
-            list(range(self.cfg.num_clients)), self.cfg.client_fraction, self.rng
-        )
-        self.starts: dict[int, AdapterState] = {}
-        # Counted as in-process (the method's communication cost), not as this runtime's
-        # wire: a message carries the client's start (FLoRA: a fresh adapter made from a
-        # seed) and the whole folded total (a fresh ClientApp process remembers nothing).
-        per_client = self.state.nbytes() + self.pending_delta_bytes
-        messages, self.download = [], 0
-        for cid in self.sampled:
+        self.current = start = self.server.begin_round(server_round)
+        if start is None:
+            return []
+        messages = []
+        for cid in start.clients:
             if cid not in self.nodes:
                 self._fail(cid, "train", "no connected SuperNode holds this client")
                 continue
-            start = self.method.client_start(self.state, client_id=cid, plan=plan)
-            self.starts[cid] = start
-            content = codec.instruction_to_content(self._instruction(start, plan))
-            self.download += per_client
+            content = codec.instruction_to_content(self._instruction(start.starts[cid], start.plan))
             messages.append(
                 Message(
                     content=content,
@@ -148,15 +149,14 @@ class FedLoRAStrategy(Strategy):
                     group_id=str(server_round),
                 )
             )
-        self.clock = time.perf_counter()
         self.outbox = messages
         return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        assert self.plan is not None
-        t_train = time.perf_counter() - self.clock
+        start = self.current
+        assert start is not None
         answered: set[int | None] = set()
         updates: list[ClientUpdate] = []
         for reply in replies:
@@ -173,7 +173,8 @@ class FedLoRAStrategy(Strategy):
                 self._fail(cid, "train", str(exc))
                 continue
             updates.append(update)
-        for cid in self.sampled:
+            self.server.train_sizes[update.client_id] = update.num_examples
+        for cid in start.clients:
             if cid in self.nodes and cid not in answered:
                 self._fail(
                     cid, "train", f"no reply within round_timeout={self.cfg.round_timeout:.0f}s"
@@ -181,32 +182,11 @@ class FedLoRAStrategy(Strategy):
         if len(updates) < self.cfg.min_clients:
             detail = "; ".join(f"client {f['client']}: {f['error']}" for f in self.failures)
             raise FedLoraError(
-                f"round {server_round}: {len(updates)} of {len(self.sampled)} sampled clients "
+                f"round {server_round}: {len(updates)} of {len(start.clients)} sampled clients "
                 f"replied, fewer than min_clients={self.cfg.min_clients} ({detail}); run stopped, "
                 f"metrics.jsonl keeps rounds 0-{server_round - 1}"
             )
-        updates.sort(key=lambda u: u.client_id)
-        for u in updates:
-            self.train_sizes[u.client_id] = u.num_examples
-
-        t0 = time.perf_counter()
-        result, self.row = apply_round(
-            method=self.method,
-            plan=self.plan,
-            state=self.state,
-            starts=self.starts,
-            updates=updates,
-            weighting=self.cfg.weighting,
-            scaling=self.scaling,
-            adapter=self.fed.adapter,
-            base_total=self.base_total,
-            download_bytes=self.download,
-        )
-        self.pending_delta_bytes = result.delta_bytes
-        self.state = result.state
-        t_agg = time.perf_counter() - t0
-
-        self.row |= {"time_train_s": t_train, "time_aggregate_s": t_agg}
+        self.row = self.server.finish_round(start, updates)
         self.clock = time.perf_counter()
         metrics = MetricRecord({"train-loss": self.row["train_loss"], "clients": len(updates)})
         return codec.state_to_record(self.state), metrics
@@ -216,7 +196,7 @@ class FedLoRAStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        if not eval_due(server_round, every=self.cfg.eval_every, rounds=self.cfg.rounds):
+        if not self.server.eval_due(server_round):
             return []
         content = codec.instruction_to_content(self._instruction(self.state, None))
         # Every connected SuperNode, known or not: a SuperNode that (re)connected is found here.
@@ -234,9 +214,9 @@ class FedLoRAStrategy(Strategy):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        if not eval_due(server_round, every=self.cfg.eval_every, rounds=self.cfg.rounds):
+        if not self.server.eval_due(server_round):
             return None
-        accuracy: dict[int, float] = {}
+        per_client: dict[int, dict[str, float]] = {}
         seen: dict[int, int] = {}  # client id -> SuperNode id, from this round's replies
         for reply in replies:
             node = self._node_of(reply)
@@ -254,48 +234,51 @@ class FedLoRAStrategy(Strategy):
                 raise FedLoraError(
                     f"two SuperNodes hold client (partition-id) {cid}: give each its own partition-id"
                 )
-            self.train_sizes.setdefault(cid, int(metrics["num-train-examples"]))  # type: ignore[arg-type]
-            accuracy[cid] = float(metrics["accuracy"])  # type: ignore[arg-type]
+            self.server.train_sizes.setdefault(cid, int(metrics["num-train-examples"]))  # type: ignore[arg-type]
+            per_client[cid] = {k: float(metrics[k]) for k in EVAL_METRICS if k in metrics}  # type: ignore[arg-type]
         self.nodes.update(seen)
-        self.row["client_accuracy"] = dict(sorted(accuracy.items()))
-        return MetricRecord({"clients": len(accuracy)})
+        clients = dict(sorted(per_client.items()))
+        self.row["client_accuracy"] = {c: m["accuracy"] for c, m in clients.items()}
+        if any("perplexity" in m for m in clients.values()):
+            self.row["client_perplexity"] = {c: m["perplexity"] for c, m in clients.items()}
+        return MetricRecord({"clients": len(clients)})
 
-    def evaluate_round_zero(self, grid: Grid) -> None:
-        """Round 0 on the clients: ``Strategy.start`` evaluates only on the server before round 1."""
+    def find_nodes(self, grid: Grid) -> None:
+        """Which SuperNode holds which client: every connected SuperNode evaluates the
+        global adapter and says its ``partition-id``."""
         self.clock = time.perf_counter()
+        self.row, self.failures = {}, []
         replies = grid.send_and_receive(
-            self.configure_evaluate(0, codec.state_to_record(self.state), ConfigRecord(), grid),
+            self.configure_evaluate(0, ArrayRecord(), ConfigRecord(), grid),
             timeout=self.cfg.round_timeout,
         )
         self.aggregate_evaluate(0, replies)
         missing = sorted(set(range(self.cfg.num_clients)) - set(self.nodes))
         if len(self.nodes) < self.cfg.min_clients:
             raise FedLoraError(
-                f"round 0: only clients {sorted(self.nodes)} answered, fewer than "
+                f"only clients {sorted(self.nodes)} answered, fewer than "
                 f"min_clients={self.cfg.min_clients}; missing clients {missing}"
             )
 
-    def evaluate_global(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Flower's ``evaluate_fn``: the global eval set on the server; ends the round's row."""
-        due = eval_due(server_round, every=self.cfg.eval_every, rounds=self.cfg.rounds)
-        row = self.row
-        if due:
-            acc, loss = evaluate(
+    def evaluate_round_zero(self, grid: Grid) -> None:
+        """Round 0 on the clients (and where each client is); its row is ended by
+        :meth:`evaluate_global`."""
+        self.find_nodes(grid)
+        self.row = self.server.start_row() | self.row
+
+    def evaluate_global(self, server_round: int, arrays: ArrayRecord | None = None) -> None:
+        """The global eval set on the server; ends the round's row."""
+        evaluation = None
+        if self.server.eval_due(server_round):
+            evaluation = evaluate_split(
                 self.fed.adapter.model,
                 self.fed.test,
                 batch_size=self.cfg.eval_batch_size,
                 precision=self.cfg.precision,
             )
-            row |= {"accuracy": acc, "loss": loss}
-        else:
-            row |= {"accuracy": None, "loss": None}
+        row = self.row
         if self.failures:
             row["failures"] = self.failures
         row["time_eval_s"] = time.perf_counter() - self.clock
-        if server_round > 0:
-            row["elapsed_s"] = time.perf_counter() - self.started
-        self.run_dir.log_metrics(row)
-        self.rows.append(row)
-        self.log(progress_line(self.tag, row, rounds=self.cfg.rounds))
+        self.server.end_round(row, evaluation)
         self.row, self.failures = {}, []
-        return MetricRecord({"accuracy": acc, "loss": loss}) if due else None
