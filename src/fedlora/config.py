@@ -36,6 +36,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 QUANTIZATIONS = ("none", "int8", "nf4", "fp4")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 FOLDING_METHODS = ("fedex", "flora")  # add increments to the frozen weights
+ADAPTERS = ("lora", "dora")  # dora: PEFT use_dora, a magnitude vector per layer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +111,7 @@ class Config:
     rank: int = 8
     alpha: float = 16.0
     lora_dropout: float = 0.0
+    adapter: str = "lora"
     target_modules: list[str] | None = None
     layers: list[int] | None = None
     head: str = "train"
@@ -256,6 +258,7 @@ def _check_values(cfg: Config) -> None:
     if not cfg.methods:
         raise FedLoraError("config key 'methods' must name at least one method")
     _check_method_options(cfg)
+    _check_adapter(cfg)
     if cfg.layers is not None and (not cfg.layers or min(cfg.layers) < 0):
         raise FedLoraError(
             f"config key 'layers' must be a non-empty list of block indices >= 0, got {cfg.layers}"
@@ -375,6 +378,29 @@ def _check_method_options(cfg: Config) -> None:
             )
         if phase.rounds is not None and phase.rounds < 1:
             raise FedLoraError(f"schedule phase {i + 1} ({phase.method}): rounds must be >= 1")
+
+
+def _check_adapter(cfg: Config) -> None:
+    """DoRA needs a method whose frozen weights stay the pretrained ones (the magnitude is
+    relative to ``||W0 + s B A||``; a fold changes ``W0`` under it): the method's own
+    ``carries_magnitude`` says whether it does."""
+    from fedlora.methods import build_method
+
+    _choice(cfg, "adapter", ADAPTERS)
+    if cfg.adapter == "lora":
+        return
+    if cfg.dp.enabled:
+        # Opacus has no per-example gradient for PEFT's DoRA magnitude, and DoRA's forward
+        # passes an identity batch through the hooked lora_A/lora_B layers.
+        raise FedLoraError("adapter=dora is not supported with dp.* (DP-SGD): use adapter=lora")
+    phases = [p.method for p in cfg.schedule or []]
+    for name in dict.fromkeys([cfg.method, *cfg.methods, *phases]):
+        if not build_method(name, cfg).carries_magnitude:
+            raise FedLoraError(
+                f"adapter=dora cannot run with method {name}: it folds increments into the "
+                "frozen weights, so the magnitude vector no longer scales the weight the clients "
+                "trained; use adapter=lora, or a method that keeps its update in the adapter"
+            )
 
 
 def _check_flower_options(cfg: Config) -> None:

@@ -105,6 +105,7 @@ def lora_settings(cfg: Config) -> LoRASettings:
         target_modules=cfg.target_modules,
         layers=cfg.layers,
         train_head=cfg.head == "train",
+        dora=cfg.adapter == "dora",
     )
 
 

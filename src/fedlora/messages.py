@@ -2,7 +2,10 @@
 
 They speak in LoRA layer names (``bert.encoder.layer.0.attention.self.query``) and
 factors: ``A[layer]`` has shape ``(r, in)``, ``B[layer]`` has shape ``(out, r)``, and the
-layer's update to its frozen weight is ``scaling * B @ A`` (PEFT's convention).
+layer's update to its frozen weight is ``scaling * B @ A`` (PEFT's convention). With DoRA
+(``adapter=dora``) each layer also has a magnitude vector ``magnitude[layer]`` of shape
+``(out,)``, PEFT's ``lora_magnitude_vector``: the layer's weight is then
+``diag(m / ||W0 + s B A||_row) (W0 + s B A)`` (Liu et al., arXiv 2402.09353, eq. 5).
 Only :mod:`fedlora.models.adapter` translates them to and from PEFT's parameter names.
 """
 
@@ -25,18 +28,20 @@ def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
 
 @dataclass(frozen=True)
 class AdapterState:
-    """The global adapter: LoRA factors per layer plus the trainable head (if any)."""
+    """The global adapter: LoRA factors per layer plus the trainable head (if any) and,
+    for a DoRA adapter, each layer's magnitude vector (empty for plain LoRA)."""
 
     A: Mapping[str, torch.Tensor]
     B: Mapping[str, torch.Tensor]
     head: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    magnitude: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def layers(self) -> list[str]:
         return list(self.A)
 
     def tensors(self) -> list[torch.Tensor]:
-        return [*self.A.values(), *self.B.values(), *self.head.values()]
+        return [*self.A.values(), *self.B.values(), *self.head.values(), *self.magnitude.values()]
 
     def nbytes(self) -> int:
         return tensor_bytes(self.tensors())
@@ -47,6 +52,7 @@ class AdapterState:
             A={k: v.to(device) for k, v in self.A.items()},
             B={k: v.to(device) for k, v in self.B.items()},
             head={k: v.to(device) for k, v in self.head.items()},
+            magnitude={k: v.to(device) for k, v in self.magnitude.items()},
         )
 
     def clone(self) -> AdapterState:
@@ -54,6 +60,7 @@ class AdapterState:
             A={k: v.detach().clone() for k, v in self.A.items()},
             B={k: v.detach().clone() for k, v in self.B.items()},
             head={k: v.detach().clone() for k, v in self.head.items()},
+            magnitude={k: v.detach().clone() for k, v in self.magnitude.items()},
         )
 
 
@@ -65,6 +72,13 @@ class RoundPlan:
     trained: Factor
     train_head: bool
     method: str
+    # DoRA's magnitude vector: None (the default) trains it in the rounds that train B, its
+    # output-side partner (docs/configuration.md, "DoRA"); resolved to a bool on creation.
+    train_magnitude: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.train_magnitude is None:
+            object.__setattr__(self, "train_magnitude", self.trains_B)
 
     @property
     def trains_A(self) -> bool:
@@ -73,6 +87,11 @@ class RoundPlan:
     @property
     def trains_B(self) -> bool:
         return "B" in self.trained
+
+    @property
+    def trains_magnitude(self) -> bool:
+        """Whether clients train (and send) DoRA's magnitude vectors this round."""
+        return bool(self.train_magnitude)
 
 
 @dataclass(frozen=True)
@@ -83,6 +102,7 @@ class ClientUpdate:
     trained, per layer: its increment to a frozen weight is ``scaling * B @ A``, so the
     server weighs each client's factors by what they actually did (clients of different
     ranks have different scalings; FLoRA). Empty: the global adapter's scaling.
+    ``magnitude``: DoRA's magnitude vectors, when the round trained them.
     """
 
     client_id: int
@@ -93,20 +113,36 @@ class ClientUpdate:
     train_loss: float = float("nan")
     scaling: Mapping[str, float] = field(default_factory=dict)
     steps: int = 0
+    magnitude: Mapping[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def trained_state(self) -> AdapterState:
+        """The tensors this reply carries, as an (incomplete) adapter state."""
+        return AdapterState(A=self.A, B=self.B, head=self.head, magnitude=self.magnitude)
 
     def nbytes(self) -> int:
-        return tensor_bytes([*self.A.values(), *self.B.values(), *self.head.values()])
+        return self.trained_state.nbytes()
 
     def to(self, device: torch.device | str) -> ClientUpdate:
         """The same reply with its tensors on ``device``."""
-        moved = AdapterState(A=self.A, B=self.B, head=self.head).to(device)
-        return dataclasses.replace(self, A=moved.A, B=moved.B, head=moved.head)
+        moved = self.trained_state.to(device)
+        return dataclasses.replace(
+            self, A=moved.A, B=moved.B, head=moved.head, magnitude=moved.magnitude
+        )
+
+    def clone(self) -> ClientUpdate:
+        """The same reply with its tensors copied (detached)."""
+        copied = self.trained_state.clone()
+        return dataclasses.replace(
+            self, A=copied.A, B=copied.B, head=copied.head, magnitude=copied.magnitude
+        )
 
     def check_finite(self) -> None:
         """Reject NaN/inf updates before they reach the global adapter."""
         from fedlora.errors import FedLoraError
 
-        for kind, tensors in (("A", self.A), ("B", self.B), ("head", self.head)):
+        kinds = (("A", self.A), ("B", self.B), ("head", self.head), ("magnitude", self.magnitude))
+        for kind, tensors in kinds:
             for name, t in tensors.items():
                 if not torch.isfinite(t).all():
                     raise FedLoraError(

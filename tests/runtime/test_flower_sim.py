@@ -176,3 +176,21 @@ def test_compare_on_flower_sim_runs_every_method_like_inprocess(tiny_overrides, 
         assert sim[m]["client_train_sizes"] == local[m]["client_train_sizes"]
     table = (tmp_path / "sim" / "cmp" / "comparison.md").read_text()
     assert "| fedavg |" in table and "| rolora |" in table and "centralized" not in table
+
+
+def test_flower_sim_matches_inprocess_with_dora(tiny_overrides, tmp_path):
+    """adapter=dora (RoLoRA: the magnitude travels, and trains in its B rounds only): the
+    simulated run ends with the in-process adapter, magnitude vectors included, and the
+    same metrics rows (the bytes count the magnitude in both)."""
+    overrides = [*tiny_overrides, "method=rolora", "adapter=dora", "run_name=dora"]
+    cfg = load_config(None, [*overrides, "runtime=flower-sim", f"output_dir={tmp_path}/sim"])
+    simulate([cfg])
+    recipes.run(cfg.replace(runtime="inprocess", output_dir=f"{tmp_path}/inprocess"), log=silent)
+    sim_dir, local_dir = tmp_path / "sim" / "dora", tmp_path / "inprocess" / "dora"
+    sim_adapter = adapter(sim_dir)
+    assert any(k.endswith("lora_magnitude_vector") for k in sim_adapter)
+    assert_tensors_close(sim_adapter, adapter(local_dir))
+    sim_rows, local_rows = read_metrics(sim_dir), read_metrics(local_dir)
+    assert [r["round"] for r in sim_rows] == [0, 1, 2]
+    for s, loc in zip(sim_rows, local_rows, strict=True):
+        assert_same(comparable(s), comparable(loc), where=f"dora round {loc['round']}")

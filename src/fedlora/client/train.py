@@ -164,7 +164,9 @@ def train_client(
     persists (empty the first time); updated in place with the optimizer's state.
     """
     adapter.set_state(state)
-    params = adapter.set_trainable(plan.trained, head=plan.train_head)
+    params = adapter.set_trainable(
+        plan.trained, head=plan.train_head, magnitude=plan.trains_magnitude
+    )
     optimizer = make_optimizer(params, settings)
     if optimizer_state:
         optimizer.load_state_dict(optimizer_state)
@@ -205,7 +207,7 @@ def train_client(
     if optimizer_state is not None:
         optimizer_state.clear()
         optimizer_state.update(optimizer.state_dict())
-    sent = adapter.get_state(plan.trained, head=plan.train_head)
+    sent = adapter.get_state(plan.trained, head=plan.train_head, magnitude=plan.trains_magnitude)
     return ClientUpdate(
         client_id=client_id,
         num_examples=len(data),
@@ -215,4 +217,5 @@ def train_client(
         train_loss=sum(losses) / len(losses),
         scaling=adapter.scaling(),
         steps=steps,
+        magnitude=sent.magnitude,  # DoRA's, when the round trained it
     )

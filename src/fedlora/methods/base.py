@@ -60,6 +60,12 @@ class LoRAMethod:
             (``docs/configuration.md``, "Defaults").
         period: rounds after which the method's plan repeats (RoLoRA: 2, a ``B`` and an
             ``A`` round); an ``eval_every`` that is a multiple of it sees one phase only.
+        carries_magnitude: the method can run a DoRA adapter (``adapter=dora``): its
+            ``aggregate`` averages the magnitude vectors (:func:`aggregate_magnitude`) and it
+            never changes the frozen weights, to whose ``||W0 + s B A||`` the magnitude is
+            relative. False for the methods that fold increments into them (FedEx-LoRA,
+            FLoRA); ``config`` refuses those with DoRA. Clients train the magnitude in the
+            rounds that train ``B`` (:attr:`~fedlora.messages.RoundPlan.train_magnitude`).
     """
 
     name: str = ""
@@ -69,6 +75,7 @@ class LoRAMethod:
     paper_weighting: str = "num_examples"
     period: int = 1
     default_lr: float = 3e-3
+    carries_magnitude: bool = True
 
     def __init__(self, *, train_head: bool = True) -> None:
         self.train_head = train_head
@@ -115,6 +122,24 @@ def aggregate_head(
     return {
         name: aggregation.weighted_mean([u.head[name] for u in updates], weights)
         for name in state.head
+    }
+
+
+def aggregate_magnitude(
+    state: AdapterState, updates: Sequence[ClientUpdate], weights: Sequence[float]
+) -> dict[str, torch.Tensor]:
+    """DoRA's magnitude vectors: their weighted mean when clients trained them (as the head),
+    else the global ones unchanged (plain LoRA: empty).
+
+    ``m = sum_k w_k m_k`` per layer. The merged weight ``m / ||V||_row * V`` (``V = W0 + s B A``)
+    is not linear in ``m`` and ``V`` together, so even where the factor part is exact the
+    merged weight is not the mean of the clients' (docs/configuration.md, "DoRA").
+    """
+    if not updates or not updates[0].magnitude:
+        return dict(state.magnitude)
+    return {
+        name: aggregation.weighted_mean([u.magnitude[name] for u in updates], weights)
+        for name in state.magnitude
     }
 
 

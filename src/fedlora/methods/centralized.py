@@ -37,4 +37,7 @@ class Centralized(LoRAMethod):
     ) -> Aggregate:
         (update,) = updates
         head = dict(update.head) if update.head else dict(state.head)
-        return Aggregate(state=AdapterState(A=dict(update.A), B=dict(update.B), head=head))
+        magnitude = dict(update.magnitude) if update.magnitude else dict(state.magnitude)
+        return Aggregate(
+            state=AdapterState(A=dict(update.A), B=dict(update.B), head=head, magnitude=magnitude)
+        )

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 
 from fedlora import aggregation
 from fedlora.messages import AdapterState, ClientUpdate, RoundPlan
-from fedlora.methods.base import Aggregate, LoRAMethod, aggregate_head
+from fedlora.methods.base import Aggregate, LoRAMethod, aggregate_head, aggregate_magnitude
 
 
 class FedAvgLoRA(LoRAMethod):
@@ -35,4 +35,5 @@ class FedAvgLoRA(LoRAMethod):
             Bs = [u.B[layer] for u in updates]
             new_A[layer], new_B[layer] = aggregation.fedavg(As, Bs, weights)
         head = aggregate_head(state, updates, weights)
-        return Aggregate(state=AdapterState(A=new_A, B=new_B, head=head))
+        magnitude = aggregate_magnitude(state, updates, weights)
+        return Aggregate(state=AdapterState(A=new_A, B=new_B, head=head, magnitude=magnitude))

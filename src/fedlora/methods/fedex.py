@@ -21,12 +21,13 @@ from collections.abc import Mapping, Sequence
 
 from fedlora import aggregation
 from fedlora.messages import AdapterState, ClientUpdate, RoundPlan, tensor_bytes
-from fedlora.methods.base import Aggregate, LoRAMethod, aggregate_head
+from fedlora.methods.base import Aggregate, LoRAMethod, aggregate_head, aggregate_magnitude
 
 
 class FedExLoRA(LoRAMethod):
     name = "fedex"
     paper_weighting = "uniform"
+    carries_magnitude = False  # the residual changes W0, which DoRA's magnitude is relative to
 
     def aggregate(
         self,
@@ -44,8 +45,9 @@ class FedExLoRA(LoRAMethod):
             new_A[layer], new_B[layer], residual = aggregation.fedex(As, Bs, weights)
             delta[layer] = scaling[layer] * residual
         head = aggregate_head(state, updates, weights)
+        magnitude = aggregate_magnitude(state, updates, weights)
         return Aggregate(
-            state=AdapterState(A=new_A, B=new_B, head=head),
+            state=AdapterState(A=new_A, B=new_B, head=head, magnitude=magnitude),
             base_delta=delta,
             delta_bytes=tensor_bytes(delta.values()),
         )

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 
 from fedlora import aggregation
 from fedlora.messages import AdapterState, ClientUpdate, RoundPlan
-from fedlora.methods.base import Aggregate, LoRAMethod, aggregate_head
+from fedlora.methods.base import Aggregate, LoRAMethod, aggregate_head, aggregate_magnitude
 
 
 class FFALoRA(LoRAMethod):
@@ -36,4 +36,7 @@ class FFALoRA(LoRAMethod):
             for layer in state.B
         }
         head = aggregate_head(state, updates, weights)
-        return Aggregate(state=AdapterState(A=dict(state.A), B=new_B, head=head))
+        magnitude = aggregate_magnitude(state, updates, weights)
+        return Aggregate(
+            state=AdapterState(A=dict(state.A), B=new_B, head=head, magnitude=magnitude)
+        )

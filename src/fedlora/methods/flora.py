@@ -44,6 +44,7 @@ def kaiming_uniform_A(rank: int, in_features: int, *, generator: torch.Generator
 
 class FLoRA(LoRAMethod):
     name = "flora"
+    carries_magnitude = False  # the merge changes W0, which DoRA's magnitude is relative to
 
     def __init__(
         self,

@@ -30,7 +30,7 @@ import torch
 from fedlora import aggregation
 from fedlora.aggregation.fra import init_row_norm
 from fedlora.messages import AdapterState, ClientUpdate, RoundPlan
-from fedlora.methods.base import Aggregate, LoRAMethod, aggregate_head
+from fedlora.methods.base import Aggregate, LoRAMethod, aggregate_head, aggregate_magnitude
 
 
 class FRALoRA(LoRAMethod):
@@ -69,7 +69,8 @@ class FRALoRA(LoRAMethod):
                 As, Bs, weights, rank=self.rank, a_row_norm=row_norm, generator=generator
             )
         head = aggregate_head(state, updates, weights)
+        magnitude = aggregate_magnitude(state, updates, weights)
         return Aggregate(
-            state=AdapterState(A=new_A, B=new_B, head=head),
+            state=AdapterState(A=new_A, B=new_B, head=head, magnitude=magnitude),
             diagnostics={"fra_discarded_energy": discarded},
         )

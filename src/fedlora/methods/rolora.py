@@ -18,7 +18,7 @@ from typing import Any
 from fedlora import aggregation
 from fedlora.errors import FedLoraError
 from fedlora.messages import AdapterState, ClientUpdate, RoundPlan
-from fedlora.methods.base import Aggregate, LoRAMethod, aggregate_head
+from fedlora.methods.base import Aggregate, LoRAMethod, aggregate_head, aggregate_magnitude
 
 
 class RoLoRA(LoRAMethod):
@@ -56,8 +56,9 @@ class RoLoRA(LoRAMethod):
                 k: aggregation.weighted_mean([u.A[k] for u in updates], weights) for k in state.A
             }
         head = aggregate_head(state, updates, weights)
+        magnitude = aggregate_magnitude(state, updates, weights)
         self.phase = "A" if plan.trained == "B" else "B"
-        return Aggregate(state=AdapterState(A=new_A, B=new_B, head=head))
+        return Aggregate(state=AdapterState(A=new_A, B=new_B, head=head, magnitude=magnitude))
 
     def state_dict(self) -> dict[str, Any]:
         return {"phase": self.phase}

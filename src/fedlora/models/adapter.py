@@ -2,9 +2,12 @@
 
 PEFT names a factor ``base_model.model.<layer>.lora_A.default.weight`` in
 ``named_parameters()`` and ``<layer>.lora_A.weight`` in a saved adapter; the sequence
-classification head sits in a ``modules_to_save`` wrapper. :class:`PeftAdapter` maps all
-of that to :class:`~fedlora.messages.AdapterState` (layer name -> ``A``, ``B``; head
-name -> tensor) and back, so methods, runtimes and the Flower app never see PEFT keys.
+classification head sits in a ``modules_to_save`` wrapper. A DoRA adapter (PEFT
+``use_dora=True``) adds ``<layer>.lora_magnitude_vector.default.weight`` (saved as
+``<layer>.lora_magnitude_vector``), one ``(out,)`` vector per layer. :class:`PeftAdapter`
+maps all of that to :class:`~fedlora.messages.AdapterState` (layer name -> ``A``, ``B``,
+``magnitude``; head name -> tensor) and back, so methods, runtimes and the Flower app never
+see PEFT keys.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ class PeftAdapter:
             if isinstance(module, LoraLayer)
         }
         self.rank = int(peft_model.peft_config["default"].r)
+        # DoRA (Liu et al., arXiv 2402.09353): a trainable magnitude vector per layer
+        self.dora = bool(getattr(peft_model.peft_config["default"], "use_dora", False))
         self._exact: dict[str, torch.Tensor] = {}  # float32 folded weights of a bf16 base
         self.rank_adapters: dict[int, str] = {self.rank: "default"}
         self.head_params = self._head_params("default")
@@ -79,15 +84,30 @@ class PeftAdapter:
     def _B(self, layer: str) -> torch.nn.Parameter:
         return cast(torch.nn.Parameter, self.lora_layers[layer].lora_B[self.adapter_name].weight)
 
+    def _m(self, layer: str) -> torch.nn.Parameter:
+        """DoRA's magnitude vector ``m`` of ``layer``, shape ``(out,)``: the layer computes
+        ``diag(m / ||W0 + s B A||_row) (W0 + s B A) x`` (the norm of each output row, as PEFT's
+        ``DoraLinearLayer`` takes it on the ``(out, in)`` weight)."""
+        module = self.lora_layers[layer].lora_magnitude_vector[self.adapter_name]
+        return cast(torch.nn.Parameter, module.weight)
+
     def scaling(self) -> dict[str, float]:
         return {k: float(m.scaling[self.adapter_name]) for k, m in self.lora_layers.items()}
 
-    def get_state(self, trained: Factor = "AB", *, head: bool = True) -> AdapterState:
-        """Copies of the factors named by ``trained`` (and of the head, if ``head``)."""
+    def get_state(
+        self, trained: Factor = "AB", *, head: bool = True, magnitude: bool = True
+    ) -> AdapterState:
+        """Copies of the factors named by ``trained`` (and of the head, if ``head``; and of
+        DoRA's magnitude vectors, if ``magnitude`` and the adapter is a DoRA one)."""
         A = {k: self._A(k).detach().clone() for k in self.lora_layers} if "A" in trained else {}
         B = {k: self._B(k).detach().clone() for k in self.lora_layers} if "B" in trained else {}
         heads = {k: p.detach().clone() for k, p in self.head_params.items()} if head else {}
-        return AdapterState(A=A, B=B, head=heads)
+        mags = (
+            {k: self._m(k).detach().clone() for k in self.lora_layers}
+            if magnitude and self.dora
+            else {}
+        )
+        return AdapterState(A=A, B=B, head=heads, magnitude=mags)
 
     @torch.no_grad()
     def set_state(self, state: AdapterState) -> None:
@@ -102,14 +122,36 @@ class PeftAdapter:
             self._B(layer).copy_(value)
         for name, value in state.head.items():
             self.head_params[name].copy_(value)
+        if state.magnitude and not self.dora:
+            raise ValueError("a DoRA magnitude vector was sent to a plain LoRA adapter")
+        if self.dora and state.A and state.B and not state.magnitude:
+            # a method bug, not user input: the model would silently keep the last m it held
+            raise ValueError(
+                "a DoRA adapter was given factors without magnitude vectors (a method whose "
+                "aggregate drops them must set carries_magnitude = False)"
+            )
+        for layer, value in state.magnitude.items():
+            self._m(layer).copy_(value)
 
-    def set_trainable(self, trained: Factor, *, head: bool) -> list[torch.nn.Parameter]:
-        """Freeze everything but the factors (and head) a round trains; return those."""
+    def set_trainable(
+        self, trained: Factor, *, head: bool, magnitude: bool | None = None
+    ) -> list[torch.nn.Parameter]:
+        """Freeze everything but the factors (and head) a round trains; return those.
+
+        ``magnitude``: whether DoRA's magnitude vectors train (None: when ``B`` does, the
+        default of :attr:`~fedlora.messages.RoundPlan.train_magnitude`); ignored for LoRA.
+        """
+        train_m = "B" in trained if magnitude is None else magnitude
         params: list[torch.nn.Parameter] = []
         for layer in self.lora_layers:
-            for factor, param in (("A", self._A(layer)), ("B", self._B(layer))):
-                param.requires_grad_(factor in trained)
-                if factor in trained:
+            pairs = [("A", self._A(layer)), ("B", self._B(layer))]
+            if self.dora:
+                # PEFT leaves m trainable; a frozen factor must not collect gradients either
+                pairs.append(("m", self._m(layer)))
+            for factor, param in pairs:
+                on = train_m if factor == "m" else factor in trained
+                param.requires_grad_(on)
+                if on:
                     params.append(param)
         for param in self.head_params.values():
             param.requires_grad_(head)
@@ -168,7 +210,8 @@ class PeftAdapter:
 
         Methods that fold increments into the frozen weights (FedEx-LoRA, FLoRA) leave a
         ``base_delta.safetensors`` beside it (layer name -> ``(out, in)`` increment);
-        :func:`apply_base_delta` adds it to a freshly loaded base model.
+        :func:`apply_base_delta` adds it to a freshly loaded base model. A DoRA adapter's
+        magnitude vectors are saved by PEFT with it (``lora_magnitude_vector``).
         """
         self.set_state(state)
         self.model.save_pretrained(str(directory), selected_adapters=["default"])

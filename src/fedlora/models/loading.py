@@ -140,6 +140,8 @@ class LoRASettings:
     target_modules: list[str] | None = None
     layers: list[int] | None = None
     train_head: bool = True
+    # DoRA (Liu et al., arXiv 2402.09353): PEFT's use_dora, a magnitude vector per layer
+    dora: bool = False
 
 
 def _projection_leaves(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
@@ -214,6 +216,7 @@ def attach_lora(
         lora_dropout=lora.dropout,
         target_modules=targets,
         layers_to_transform=lora.layers,
+        use_dora=lora.dora,
     )
     torch.manual_seed(seed)  # the shared random init of A: every client and the server agree
     with warnings.catch_warnings():

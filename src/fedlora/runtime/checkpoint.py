@@ -1,7 +1,7 @@
 """Checkpoints after every round, so ``fedlora run --resume RUN_DIR`` continues a killed run.
 
-A checkpoint is everything the next round depends on: the global adapter (factors and
-head), the frozen weights that aggregation changed (FedEx-LoRA, FLoRA fold increments into
+A checkpoint is everything the next round depends on: the global adapter (factors, head
+and a DoRA adapter's magnitude vectors), the frozen weights that aggregation changed (FedEx-LoRA, FLoRA fold increments into
 them), their running sum (saved with the final adapter), the method's state (RoLoRA's
 phase, a schedule's switch), the client-sampling RNG, the DP accountants, the optimizer state of a trainer that keeps one across rounds (the
 centralized baseline), and the round. Federated client training needs nothing else: its
@@ -34,7 +34,7 @@ from fedlora.messages import AdapterState
 
 CHECKPOINT_DIR = "checkpoint"
 INDEX = "checkpoint.json"
-_GROUPS = ("A", "B", "head", "base_total", "base", "optim")
+_GROUPS = ("A", "B", "head", "magnitude", "base_total", "base", "optim")
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,7 @@ def save_checkpoint(run_path: Path, ckpt: Checkpoint) -> None:
         "A": ckpt.state.A,
         "B": ckpt.state.B,
         "head": ckpt.state.head,
+        "magnitude": ckpt.state.magnitude,
         "base_total": ckpt.base_total,
         "base": ckpt.base,
     }
@@ -144,7 +145,9 @@ def load_checkpoint(run_path: Path) -> Checkpoint | None:
         groups[group][name] = tensor
     return Checkpoint(
         round=int(index["round"]),
-        state=AdapterState(A=groups["A"], B=groups["B"], head=groups["head"]),
+        state=AdapterState(
+            A=groups["A"], B=groups["B"], head=groups["head"], magnitude=groups["magnitude"]
+        ),
         method_state=index["method_state"],
         rng_state=_tuples(index["rng_state"]),
         base_total=groups["base_total"],

@@ -2,7 +2,8 @@
 
 An :class:`~fedlora.messages.AdapterState` (or the trained part of a
 :class:`~fedlora.messages.ClientUpdate`) becomes one ``ArrayRecord`` keyed
-``A/<layer>``, ``B/<layer>`` and ``head/<name>``; dense increments of the frozen weights
+``A/<layer>``, ``B/<layer>``, ``head/<name>`` and, for a DoRA adapter, ``magnitude/<layer>``
+(its magnitude vector); dense increments of the frozen weights
 (FedEx-LoRA's residual) travel in a second record keyed by layer. The keys carry fedlora's
 layer names, never PEFT's parameter names.
 
@@ -29,7 +30,7 @@ from fedlora.config import Config, config_from_dict
 from fedlora.messages import AdapterState, ClientUpdate, RoundPlan
 
 BF16 = "bfloat16"
-_KINDS = ("A", "B", "head")
+_KINDS = ("A", "B", "head", "magnitude")
 
 
 def tensor_to_array(tensor: torch.Tensor) -> Array:
@@ -47,7 +48,8 @@ def array_to_tensor(array: Array) -> torch.Tensor:
 
 
 def state_to_record(state: AdapterState) -> ArrayRecord:
-    """``A``, ``B`` and ``head`` tensors (any of them may be empty) as one record."""
+    """``A``, ``B``, ``head`` and ``magnitude`` tensors (any of them may be empty) as one
+    record."""
     record = ArrayRecord()
     for kind in _KINDS:
         for name, tensor in getattr(state, kind).items():
@@ -62,7 +64,9 @@ def record_to_state(record: ArrayRecord) -> AdapterState:
         if not sep or kind not in parts:
             raise ValueError(f"unexpected array '{key}' in an adapter record")
         parts[kind][name] = array_to_tensor(array)
-    return AdapterState(A=parts["A"], B=parts["B"], head=parts["head"])
+    return AdapterState(
+        A=parts["A"], B=parts["B"], head=parts["head"], magnitude=parts["magnitude"]
+    )
 
 
 def tensors_to_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
@@ -121,7 +125,7 @@ def content_to_instruction(content: RecordDict) -> Instruction:
 
 
 def update_to_content(update: ClientUpdate) -> RecordDict:
-    trained = AdapterState(A=update.A, B=update.B, head=update.head)
+    trained = update.trained_state
     metrics = MetricRecord(
         {
             "client-id": update.client_id,
@@ -146,6 +150,7 @@ def content_to_update(content: RecordDict) -> ClientUpdate:
         train_loss=float(metrics["train-loss"]),  # type: ignore[arg-type]
         scaling={k: float(v) for k, v in content.config_records["scaling"].items()},  # type: ignore[arg-type]
         steps=int(metrics["steps"]),  # type: ignore[arg-type]
+        magnitude=trained.magnitude,
     )
 
 
