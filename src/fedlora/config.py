@@ -35,6 +35,7 @@ BASE_DTYPES = ("float32", "bfloat16")
 PRECISIONS = ("fp32", "bf16", "fp16")
 QUANTIZATIONS = ("none", "int8", "nf4", "fp4")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+PREFIX_CACHE_MODES = ("auto", "on", "off")  # fedlora.models.prefix
 FOLDING_METHODS = ("fedex", "flora")  # add increments to the frozen weights
 ADAPTERS = ("lora", "dora")  # dora: PEFT use_dora, a magnitude vector per layer
 
@@ -123,6 +124,7 @@ class Config:
     bnb_double_quant: bool = True
     bnb_compute_dtype: str = "float32"
     gradient_checkpointing: bool = False
+    prefix_cache: str = "auto"  # keep the hidden states below the first LoRA block per example
     # Decoder LLMs (task=causal-lm; docs/llm.md)
     task: str = "classification"
     lora_mlp: bool = False
@@ -225,7 +227,12 @@ def _check_values(cfg: Config) -> None:
         raise FedLoraError(f"config key 'rank' must be >= 1, got {cfg.rank}")
     _positive(cfg, "alpha", "num_clients", "rounds", "local_steps", "batch_size", "lr")
     _positive(cfg, "eval_every", "eval_batch_size", "threads", "max_length", "partition_alpha")
-    _positive(cfg, "max_train_examples", "max_test_examples", "max_client_eval_examples")
+    _positive(cfg, "max_train_examples", "max_test_examples")
+    if cfg.max_client_eval_examples is not None and cfg.max_client_eval_examples < 0:
+        raise FedLoraError(
+            "config key 'max_client_eval_examples' must be >= 0 (0: no per-client evaluation), "
+            f"got {cfg.max_client_eval_examples}"
+        )
     for name in ("test_fraction", "eval_fraction", "lora_dropout"):
         value = getattr(cfg, name)
         if not 0.0 <= value < 1.0:
@@ -300,6 +307,12 @@ def _check_device_options(cfg: Config) -> None:
     _choice(cfg, "precision", PRECISIONS)
     _choice(cfg, "quantization", QUANTIZATIONS)
     _choice(cfg, "bnb_compute_dtype", COMPUTE_DTYPES)
+    _choice(cfg, "prefix_cache", PREFIX_CACHE_MODES)
+    if cfg.prefix_cache == "on" and (cfg.layers is None or 0 in cfg.layers):
+        raise FedLoraError(
+            "prefix_cache=on needs LoRA above block 0, so that the blocks below it are frozen: "
+            f"set layers=[...] without 0 (got layers={cfg.layers})"
+        )
     if cfg.sim_gpus < 0:
         raise FedLoraError(f"config key 'sim_gpus' must be >= 0, got {cfg.sim_gpus}")
     if cfg.runtime == "flower-sim" and cfg.device.startswith("cuda") and cfg.sim_gpus == 0:
@@ -502,7 +515,11 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             # an override `key=none` parses as null; a string key cannot be null, so it
             # means the word (`quantization=none`; elsewhere a bad choice names it)
             return "none"
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        if isinstance(value, bool):
+            # YAML 1.1 reads on/off (and yes/no, true/false) as booleans; a string key means
+            # the word its choices use (`prefix_cache=on`; elsewhere a bad choice names it)
+            return "on" if value else "off"
+        if not isinstance(value, (str, int, float)):
             raise FedLoraError(f"config key '{key}' must be a string, got {value!r}")
         return str(value)
     if annotation is Any:

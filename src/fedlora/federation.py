@@ -11,6 +11,7 @@ import functools
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -32,6 +33,7 @@ from fedlora.models import LoRASettings, PeftAdapter, load_classifier
 from fedlora.models.causal_lm import load_causal_lm
 from fedlora.models.device import check_precision, resolve_device
 from fedlora.models.loading import ModelSettings
+from fedlora.models.prefix import FrozenPrefix, plan_prefix_cache
 
 Log = Callable[[str], None]
 
@@ -65,13 +67,26 @@ class Federation:
     initial_state: AdapterState
     initial_base: dict[str, torch.Tensor]
     verbalizer: list[str] | None = None  # causal-lm on classification data: a word per label
+    prefix: FrozenPrefix | None = None  # prefix_cache: the frozen blocks whose outputs splits keep
 
     @property
     def num_labels(self) -> int:
         return len(self.dataset.label_names)
 
     def encode(self, examples: TextExamples) -> Encoded:
-        return encode_split(self.cfg, self.tokenizer, examples, verbalizer=self.verbalizer)
+        encoded = encode_split(self.cfg, self.tokenizer, examples, verbalizer=self.verbalizer)
+        return self.prefix.attach(encoded) if self.prefix is not None else encoded
+
+    def eval_counts(self) -> dict[str, Any]:
+        """What one evaluation covers, for the metrics row: the global eval set's size and
+        each client's eval split's (clients without one, ``max_client_eval_examples=0``,
+        are not evaluated and not listed)."""
+        return {
+            "eval_examples": len(self.test),
+            "client_eval_examples": {
+                cid: len(s.eval) for cid, s in self.encoded.items() if len(s.eval)
+            },
+        }
 
     @functools.cached_property
     def pooled_train(self) -> Encoded:
@@ -218,8 +233,11 @@ def build_federation(cfg: Config, *, log: Log = stderr_log) -> Federation:
         f"{adapter.get_state().nbytes() / 1e6:.3f} MB adapter"
     )
 
+    prefix = plan_prefix_cache(adapter, mode=cfg.prefix_cache, log=log)
+
     def enc(examples: TextExamples) -> Encoded:
-        return encode_split(cfg, tokenizer, examples, verbalizer=verbalizer)
+        encoded = encode_split(cfg, tokenizer, examples, verbalizer=verbalizer)
+        return prefix.attach(encoded) if prefix is not None else encoded
 
     encoded = {c.client_id: ClientSplits(train=enc(c.train), eval=enc(c.eval)) for c in clients}
     initial = adapter.get_state()
@@ -236,4 +254,5 @@ def build_federation(cfg: Config, *, log: Log = stderr_log) -> Federation:
         initial_state=initial,
         initial_base=initial_base,
         verbalizer=verbalizer,
+        prefix=prefix,
     )

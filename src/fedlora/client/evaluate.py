@@ -1,15 +1,28 @@
 """Accuracy and mean cross-entropy of a model on an encoded split (and perplexity, for
-causal-LM data)."""
+causal-LM data).
+
+Evaluation costs forward passes only: no gradients are recorded (``torch.no_grad``), a
+decoder keeps no key-value cache, and the batches are as large as memory allows rather
+than the training batch: rows are taken longest first and a batch holds at most
+``batch_size x`` (the split's longest row) tokens, so short rows travel in larger batches
+with little padding (a batch never holds more tokens than ``batch_size`` rows of the
+longest row would). On a device that runs out of memory the budget halves and the batch
+is retried. A split that carries a frozen-prefix cache (:mod:`fedlora.models.prefix`) runs
+the blocks above it only.
+"""
 
 from __future__ import annotations
 
 import math
+from collections import deque
+from collections.abc import Callable
 
 import torch
 
 from fedlora.data import Encoded
 from fedlora.data.causal import IGNORE_INDEX, CausalEncoded
 from fedlora.models.device import autocast, model_device, to_device
+from fedlora.models.prefix import feed
 
 # Logits held at once while scoring a causal-LM batch (batch x length x vocabulary).
 _LOGITS_BUDGET = 2**25
@@ -23,6 +36,51 @@ def evaluate_split(
         return evaluate_causal(model, data, batch_size=batch_size, precision=precision)
     accuracy, loss = evaluate(model, data, batch_size=batch_size, precision=precision)
     return {"accuracy": accuracy, "loss": loss}
+
+
+def eval_batches(lengths: torch.Tensor, *, budget: int) -> list[torch.Tensor]:
+    """Row indices in batches, longest rows first, each batch at most ``budget`` padded
+    tokens (rows x its longest row) and one row at least."""
+    order = torch.argsort(lengths, descending=True, stable=True)
+    batches, i = [], 0
+    while i < len(order):
+        width = max(1, int(lengths[order[i]]))
+        batches.append(order[i : i + max(1, budget // width)])
+        i += len(batches[-1])
+    return batches
+
+
+def _over_batches(
+    data: Encoded,
+    *,
+    batch_size: int,
+    max_tokens: int | None,
+    score: Callable[[torch.Tensor], tuple[float, ...]],
+) -> list[float]:
+    """Sum of ``score(rows)`` over the split in :func:`eval_batches` of ``batch_size x``
+    the longest row (at most ``max_tokens``); when the device runs out of memory the
+    budget halves and the rows not yet scored are batched again."""
+    lengths = data.attention_mask.sum(dim=1)
+    budget = batch_size * max(1, int(lengths.max()))
+    if max_tokens is not None:
+        budget = min(budget, max_tokens)
+    pending = deque(eval_batches(lengths, budget=budget))
+    totals: list[float] = []
+    while pending:
+        rows = pending.popleft()
+        try:
+            part = score(rows)
+        except torch.OutOfMemoryError:
+            if len(rows) == 1:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            budget = max(1, budget // 2)
+            rest = torch.cat([rows, *pending])
+            pending = deque(rest[b] for b in eval_batches(lengths[rest], budget=budget))
+            continue
+        totals = [a + b for a, b in zip(totals, part, strict=True)] if totals else list(part)
+    return totals
 
 
 @torch.no_grad()
@@ -43,27 +101,31 @@ def evaluate_causal(
         return {"accuracy": nan, "loss": nan, "perplexity": nan}
     model.eval()
     device = model_device(model)
-    nll, tokens, hits, correct = 0.0, 0, 0, 0
     vocab = int(getattr(getattr(model, "config", None), "vocab_size", None) or 2**16)
-    width = int(data.attention_mask.sum(dim=1).max())
-    step = max(1, min(batch_size, _LOGITS_BUDGET // max(1, width * vocab)))
-    for start in range(0, n, step):
-        idx = torch.arange(start, min(start + step, n))
+
+    def score(idx: torch.Tensor) -> tuple[float, ...]:
         batch = to_device(data.batch(idx), device)
-        with autocast(precision, device):
+        with autocast(precision, device), feed(model, data, idx):
             logits = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                use_cache=False,
             ).logits.float()
         # position t predicts token t + 1
         pred, target = logits[:, :-1], batch["labels"][:, 1:]
         keep = target != IGNORE_INDEX
-        nll += torch.nn.functional.cross_entropy(pred[keep], target[keep], reduction="sum").item()
-        tokens += int(keep.sum())
-        hits += int((pred[keep].argmax(-1) == target[keep]).sum())
+        nll = torch.nn.functional.cross_entropy(pred[keep], target[keep], reduction="sum").item()
+        hits = int((pred[keep].argmax(-1) == target[keep]).sum())
+        correct = 0
         if data.class_labels is not None and data.choice_ids is not None:
             at = logits[torch.arange(len(idx), device=device), data.answer_pos[idx].to(device)]
             chosen = at[:, data.choice_ids.to(device)].argmax(-1)
-            correct += int((chosen == data.class_labels[idx].to(device)).sum())
+            correct = int((chosen == data.class_labels[idx].to(device)).sum())
+        return nll, int(keep.sum()), hits, correct
+
+    nll, tokens, hits, correct = _over_batches(
+        data, batch_size=batch_size, max_tokens=_LOGITS_BUDGET // vocab, score=score
+    )
     loss = nll / tokens if tokens else nan
     accuracy = correct / n if data.class_labels is not None else (hits / tokens if tokens else nan)
     return {"accuracy": accuracy, "loss": loss, "perplexity": math.exp(loss)}
@@ -82,12 +144,14 @@ def evaluate(
         return float("nan"), float("nan")
     model.eval()
     device = model_device(model)
-    correct, loss_sum = 0, 0.0
-    for start in range(0, n, batch_size):
-        batch = to_device(data.batch(torch.arange(start, min(start + batch_size, n))), device)
-        labels = batch["labels"]
-        with autocast(precision, device):
-            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
-        loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-        correct += int((logits.argmax(-1) == labels).sum())
+
+    def score(idx: torch.Tensor) -> tuple[float, ...]:
+        batch = to_device(data.batch(idx), device)
+        labels = batch.pop("labels")
+        with autocast(precision, device), feed(model, data, idx):
+            logits = model(**batch).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        return loss, int((logits.argmax(-1) == labels).sum())
+
+    loss_sum, correct = _over_batches(data, batch_size=batch_size, max_tokens=None, score=score)
     return correct / n, loss_sum / n

@@ -25,6 +25,7 @@ from fedlora.data import Encoded
 from fedlora.messages import AdapterState, ClientUpdate, RoundPlan
 from fedlora.models.adapter import PeftAdapter
 from fedlora.models.device import autocast, model_device, to_device
+from fedlora.models.prefix import feed
 
 if TYPE_CHECKING:
     from fedlora.config import Config
@@ -185,7 +186,7 @@ def train_client(
         len(data), steps=steps * accum, batch_size=settings.batch_size, generator=generator
     )
     for i, idx in enumerate(micro):
-        with autocast(settings.precision, device):
+        with autocast(settings.precision, device), feed(model, data, idx):  # prefix_cache
             loss = model(**to_device(data.batch(idx), device)).loss
         scaled = loss / accum if accum > 1 else loss
         (scaler.scale(scaled) if scaler else scaled).backward()

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from fedlora.data.sources import TextExamples
 from fedlora.errors import FedLoraError
+
+if TYPE_CHECKING:
+    from fedlora.models.prefix import PrefixStates
 
 
 @dataclass(frozen=True, eq=False)  # tensors have no single truth value for ==
@@ -21,6 +24,9 @@ class Encoded:
     attention_mask: torch.Tensor
     labels: torch.Tensor
     token_type_ids: torch.Tensor | None
+    # The cached hidden states entering the first block with LoRA (fedlora.models.prefix;
+    # config key prefix_cache), filled as rows are used; None: no cache.
+    prefix: PrefixStates | None = field(default=None, kw_only=True, repr=False)
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])

@@ -35,6 +35,7 @@ from fedlora.federation import (
     silent,
 )
 from fedlora.models import PeftAdapter, load_classifier
+from fedlora.models.prefix import plan_prefix_cache
 
 
 @dataclass
@@ -154,9 +155,15 @@ def _own_data_client(cfg: Config, path: Path, client_id: int, names: list[str]) 
     )
     adapter = PeftAdapter(model, client_alpha=cfg.client_alpha)
     initial = {k: adapter.base_weight(k).detach().clone() for k in adapter.lora_layers}
+    prefix = plan_prefix_cache(adapter, mode=cfg.prefix_cache, log=silent)  # as build_federation
+
+    def enc(examples: TextExamples) -> Encoded:
+        encoded = encode(tokenizer, examples, max_length=cfg.max_length)
+        return prefix.attach(encoded) if prefix is not None else encoded
+
     return LocalClient(
         client_id=client_id,
         model=LocalModel(adapter, initial),
-        train=encode(tokenizer, train, max_length=cfg.max_length),
-        eval=encode(tokenizer, held_out, max_length=cfg.max_length),
+        train=enc(train),
+        eval=enc(held_out),
     )
