@@ -36,7 +36,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 QUANTIZATIONS = ("none", "int8", "nf4", "fp4")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 PREFIX_CACHE_MODES = ("auto", "on", "off")  # fedlora.models.prefix
-FOLDING_METHODS = ("fedex", "flora")  # add increments to the frozen weights
+FOLDING_METHODS = ("fedex", "flora", "slora")  # add increments to the frozen weights
 ADAPTERS = ("lora", "dora")  # dora: PEFT use_dora, a magnitude vector per layer
 
 
@@ -160,6 +160,8 @@ class Config:
     client_ranks: list[int] | None = None
     client_alpha: str = "fixed"
     schedule: list[Phase] | None = None
+    slora_rounds: int = 2  # slora: rounds of sparse fine-tuning before LoRA (its stage 1)
+    slora_density: float = 0.01  # slora: share of each target weight's entries it trains
     # Client training
     local_steps: int = 10
     batch_size: int = 16
@@ -391,6 +393,26 @@ def _check_method_options(cfg: Config) -> None:
             )
         if phase.rounds is not None and phase.rounds < 1:
             raise FedLoraError(f"schedule phase {i + 1} ({phase.method}): rounds must be >= 1")
+    _check_slora(cfg, used)
+
+
+def _check_slora(cfg: Config, used: set[str]) -> None:
+    if cfg.slora_rounds < 1:
+        raise FedLoraError(f"config key 'slora_rounds' must be >= 1, got {cfg.slora_rounds}")
+    if not 0.0 < cfg.slora_density <= 1.0:  # also refuses nan
+        raise FedLoraError(f"config key 'slora_density' must be in (0, 1], got {cfg.slora_density}")
+    if "slora" not in used:
+        return
+    if cfg.slora_rounds >= cfg.rounds:
+        raise FedLoraError(
+            f"config key 'slora_rounds' ({cfg.slora_rounds}) must be less than rounds "
+            f"({cfg.rounds}): SLoRA's LoRA stage needs at least one round"
+        )
+    if cfg.dp.enabled:
+        raise FedLoraError(
+            "method slora is not supported with dp.* (DP-SGD trains LoRA factors; SLoRA's "
+            "first stage trains the frozen weights)"
+        )
 
 
 def _check_adapter(cfg: Config) -> None:

@@ -18,7 +18,8 @@ from typing import Literal
 
 import torch
 
-Factor = Literal["A", "B", "AB"]
+# "W": the frozen weights of the LoRA target layers, on a sparse mask (SLoRA's first stage)
+Factor = Literal["A", "B", "AB", "W"]
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -75,6 +76,10 @@ class RoundPlan:
     # DoRA's magnitude vector: None (the default) trains it in the rounds that train B, its
     # output-side partner (docs/configuration.md, "DoRA"); resolved to a bool on creation.
     train_magnitude: bool | None = None
+    # SLoRA's sparse stage (trained="W"): the density of the seeded random mask over each
+    # target layer's frozen weight, and the seed that server and clients draw it from.
+    mask_density: float = 1.0
+    mask_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.train_magnitude is None:
@@ -103,6 +108,8 @@ class ClientUpdate:
     server weighs each client's factors by what they actually did (clients of different
     ranks have different scalings; FLoRA). Empty: the global adapter's scaling.
     ``magnitude``: DoRA's magnitude vectors, when the round trained them.
+    ``sparse``: per layer, the values of the client's increment to the frozen weight at the
+    round's mask (SLoRA's first stage; the mask itself is seeded, so only values travel).
     """
 
     client_id: int
@@ -114,6 +121,7 @@ class ClientUpdate:
     scaling: Mapping[str, float] = field(default_factory=dict)
     steps: int = 0
     magnitude: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    sparse: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def trained_state(self) -> AdapterState:
@@ -121,20 +129,27 @@ class ClientUpdate:
         return AdapterState(A=self.A, B=self.B, head=self.head, magnitude=self.magnitude)
 
     def nbytes(self) -> int:
-        return self.trained_state.nbytes()
+        return self.trained_state.nbytes() + tensor_bytes(self.sparse.values())
 
     def to(self, device: torch.device | str) -> ClientUpdate:
         """The same reply with its tensors on ``device``."""
         moved = self.trained_state.to(device)
+        sparse = {k: v.to(device) for k, v in self.sparse.items()}
         return dataclasses.replace(
-            self, A=moved.A, B=moved.B, head=moved.head, magnitude=moved.magnitude
+            self, A=moved.A, B=moved.B, head=moved.head, magnitude=moved.magnitude, sparse=sparse
         )
 
     def clone(self) -> ClientUpdate:
         """The same reply with its tensors copied (detached)."""
         copied = self.trained_state.clone()
+        sparse = {k: v.detach().clone() for k, v in self.sparse.items()}
         return dataclasses.replace(
-            self, A=copied.A, B=copied.B, head=copied.head, magnitude=copied.magnitude
+            self,
+            A=copied.A,
+            B=copied.B,
+            head=copied.head,
+            magnitude=copied.magnitude,
+            sparse=sparse,
         )
 
     def check_finite(self) -> None:
@@ -142,7 +157,7 @@ class ClientUpdate:
         from fedlora.errors import FedLoraError
 
         kinds = (("A", self.A), ("B", self.B), ("head", self.head), ("magnitude", self.magnitude))
-        for kind, tensors in kinds:
+        for kind, tensors in (*kinds, ("sparse", self.sparse)):
             for name, t in tensors.items():
                 if not torch.isfinite(t).all():
                     raise FedLoraError(

@@ -29,6 +29,7 @@ PARITY_RUNS = {
     "fra": [],
     "fedex": [],
     "flora": ["client_ranks=[2,4,3]"],
+    "slora": ["slora_rounds=1"],  # round 1 sparse (values on the wire), then the switch
 }
 FOLDS_INTO_BASE = {"fedex", "flora"}
 

@@ -164,6 +164,18 @@ def train_client(
     ``optimizer_state``: a dict the caller keeps across rounds for a trainer whose optimizer
     persists (empty the first time); updated in place with the optimizer's state.
     """
+    if plan.trained == "W":  # SLoRA's first stage: the frozen weights, on a sparse mask
+        from fedlora.client.sparse import train_sparse  # it imports this module
+
+        return train_sparse(
+            adapter=adapter,
+            state=state,
+            data=data,
+            plan=plan,
+            settings=settings,
+            client_id=client_id,
+            seed=seed,
+        )
     adapter.set_state(state)
     params = adapter.set_trainable(
         plan.trained, head=plan.train_head, magnitude=plan.trains_magnitude

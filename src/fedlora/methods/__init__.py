@@ -20,6 +20,7 @@ from fedlora.methods.flora import FLoRA
 from fedlora.methods.fra import FRALoRA
 from fedlora.methods.rolora import RoLoRA
 from fedlora.methods.schedule import Schedule
+from fedlora.methods.slora import SLoRA
 
 if TYPE_CHECKING:
     from fedlora.config import Config
@@ -59,6 +60,12 @@ METHODS: dict[str, Callable[[Config], LoRAMethod]] = {
     "fedex": lambda cfg: FedExLoRA(train_head=_head(cfg)),
     "flora": lambda cfg: FLoRA(
         client_ranks=cfg.client_ranks, rank=cfg.rank, seed=cfg.seed, train_head=_head(cfg)
+    ),
+    "slora": lambda cfg: SLoRA(
+        slora_rounds=cfg.slora_rounds,
+        density=cfg.slora_density,
+        seed=cfg.seed,
+        train_head=_head(cfg),
     ),
     "centralized": lambda cfg: Centralized(train_head=_head(cfg)),
     "schedule": _schedule,

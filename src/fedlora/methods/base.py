@@ -168,8 +168,12 @@ def update_error(
     ``before``), ``s_k`` the scaling its adapter had (``ClientUpdate.scaling``, default the
     global ``scaling``); ``X = s B A + base_delta`` is what the model holds after the round.
     The same quantity for every method, computed from the result rather than claimed by it.
+    Not defined (``{}``, no ``agg_error`` in the row) when the clients proposed sparse
+    increments of the frozen weights instead of factors (SLoRA's first stage).
     """
     errors: dict[str, float] = {}
+    if any(u.sparse for u in updates):
+        return errors
     for layer in before.A:
         As, Bs, scalings = [], [], []
         for u in updates:

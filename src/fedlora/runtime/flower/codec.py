@@ -85,7 +85,9 @@ def record_to_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
 # Server -> client: ``adapter`` (the state to start from), ``base_delta`` (the increments
 # folded into the frozen weights so far, only for methods that fold any) and ``fedlora``
 # (the run's resolved config as YAML, the label names, and for training the round plan).
-# Client -> server: ``update`` (the trained tensors only) and ``metrics``.
+# Client -> server: ``update`` (the trained tensors only) and ``metrics``; in SLoRA's sparse
+# stage also ``sparse`` (per layer, the values at the seeded mask). The round plan's fields
+# (SLoRA's ``mask_density`` and ``mask_seed`` among them) travel as ``plan.<field>``.
 
 
 @dataclass(frozen=True)
@@ -135,12 +137,18 @@ def update_to_content(update: ClientUpdate) -> RecordDict:
         }
     )
     scaling = ConfigRecord({k: float(v) for k, v in update.scaling.items()})
-    return RecordDict({"update": state_to_record(trained), "metrics": metrics, "scaling": scaling})
+    content = RecordDict(
+        {"update": state_to_record(trained), "metrics": metrics, "scaling": scaling}
+    )
+    if update.sparse:  # SLoRA's first stage: the values at the seeded mask, per layer
+        content["sparse"] = tensors_to_record(update.sparse)
+    return content
 
 
 def content_to_update(content: RecordDict) -> ClientUpdate:
     metrics = content.metric_records["metrics"]
     trained = record_to_state(content.array_records["update"])
+    sparse = content.array_records.get("sparse")
     return ClientUpdate(
         client_id=int(metrics["client-id"]),  # type: ignore[arg-type]
         num_examples=int(metrics["num-examples"]),  # type: ignore[arg-type]
@@ -151,6 +159,7 @@ def content_to_update(content: RecordDict) -> ClientUpdate:
         scaling={k: float(v) for k, v in content.config_records["scaling"].items()},  # type: ignore[arg-type]
         steps=int(metrics["steps"]),  # type: ignore[arg-type]
         magnitude=trained.magnitude,
+        sparse=record_to_tensors(sparse) if sparse is not None else {},
     )
 
 
