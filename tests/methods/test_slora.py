@@ -356,3 +356,40 @@ def test_bad_slora_config_is_one_line(overrides, message):
     with pytest.raises(FedLoraError) as info:
         load_config(None, ["method=slora", *overrides])
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_stage1_with_the_frozen_prefix_cache_equals_it_without(
+    tiny_overrides, no_dropout_bert_dir, tmp_path, monkeypatch
+):
+    """LoRA (and so SLoRA's sparse stage) in block 1 only: block 0's outputs are cached,
+    the sparse trainer runs on them, and without dropout the run is the uncached run."""
+    fed_from_cache = []
+    original_feed = client_sparse.feed
+
+    def feed(model, data, rows):
+        fed_from_cache.append(data.prefix is not None)
+        return original_feed(model, data, rows)
+
+    monkeypatch.setattr(client_sparse, "feed", feed)
+    adapters = {}
+    for mode in ("on", "off"):
+        fed_from_cache.clear()
+        cfg = load_config(
+            None,
+            [
+                *tiny_overrides,
+                f"model={no_dropout_bert_dir}",
+                "layers=[1]",
+                f"prefix_cache={mode}",
+                "method=slora",
+                "slora_rounds=1",
+                "slora_density=0.1",
+                f"output_dir={tmp_path / mode}",
+            ],
+        )
+        recipes.run(cfg, log=silent)
+        assert fed_from_cache and all(fed_from_cache) == (mode == "on")
+        adapters[mode] = load_file(tmp_path / mode / "t" / "adapter" / "adapter_model.safetensors")
+    assert adapters["on"].keys() == adapters["off"].keys()
+    for key, value in adapters["off"].items():
+        torch.testing.assert_close(adapters["on"][key], value, atol=1e-5, rtol=0)

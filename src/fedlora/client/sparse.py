@@ -18,9 +18,10 @@ round trains it, the head; the frozen weights are restored to ``W0`` before it r
 (the server's aggregate is folded into them, like every other increment).
 
 The loop is :func:`fedlora.client.train.train_client`'s (same batches from the same
-seeded generator, gradient accumulation, schedule, clipping, autocast), with ``v`` in
-place of the factors. Not supported here: an optimizer that persists across rounds (the
-centralized baseline's) and DP-SGD (``config`` refuses ``dp.*`` with SLoRA).
+seeded generator, gradient accumulation, schedule, clipping, autocast, the frozen-prefix
+cache), with ``v`` in place of the factors. Cost beyond LoRA training: one dense gradient
+per target weight during backward. Not supported here: an optimizer that persists across
+rounds (the centralized baseline's) and DP-SGD (``config`` refuses ``dp.*`` with SLoRA).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from fedlora.data import Encoded
 from fedlora.messages import AdapterState, ClientUpdate, RoundPlan
 from fedlora.models.adapter import PeftAdapter
 from fedlora.models.device import autocast, model_device, to_device
+from fedlora.models.prefix import feed
 
 
 @dataclass
@@ -131,7 +133,8 @@ def train_sparse(
     )
     try:
         for i, idx in enumerate(micro):
-            with autocast(settings.precision, device):
+            # the frozen-prefix cache stays valid: every weight trained here is in a LoRA block
+            with autocast(settings.precision, device), feed(model, data, idx):
                 loss = model(**to_device(data.batch(idx), device)).loss
             scaled = loss / accum if accum > 1 else loss
             (scaler.scale(scaled) if scaler else scaled).backward()
