@@ -37,6 +37,7 @@ QUANTIZATIONS = ("none", "int8", "nf4", "fp4")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 PREFIX_CACHE_MODES = ("auto", "on", "off")  # fedlora.models.prefix
 FOLDING_METHODS = ("fedex", "flora", "slora")  # add increments to the frozen weights
+HETERO_RANK_METHODS = ("flora", "flexlora", "hetlora")  # take client_ranks
 ADAPTERS = ("lora", "dora")  # dora: PEFT use_dora, a magnitude vector per layer
 
 
@@ -159,6 +160,7 @@ class Config:
     runtime: str = "inprocess"
     client_ranks: list[int] | None = None
     client_alpha: str = "fixed"
+    hetlora_gamma: float = 0.99  # HetLoRA's decay factor: rank self-pruning (1: none)
     schedule: list[Phase] | None = None
     slora_rounds: int = 2  # slora: rounds of sparse fine-tuning before LoRA (its stage 1)
     slora_density: float = 0.01  # slora: share of each target weight's entries it trains
@@ -367,15 +369,20 @@ def _check_training_controls(cfg: Config) -> None:
 def _check_method_options(cfg: Config) -> None:
     used = {cfg.method, *cfg.methods}
     if cfg.client_ranks is not None:
-        if "flora" not in used:
+        if not used & set(HETERO_RANK_METHODS):
             raise FedLoraError(
-                "config key 'client_ranks' needs method flora (the only method with per-client ranks)"
+                "config key 'client_ranks' needs a method with per-client ranks "
+                f"({', '.join(HETERO_RANK_METHODS)})"
             )
         if len(cfg.client_ranks) != cfg.num_clients or min(cfg.client_ranks) < 1:
             raise FedLoraError(
                 f"config key 'client_ranks' must list one rank >= 1 per client ({cfg.num_clients}), "
                 f"got {cfg.client_ranks}"
             )
+    if not 0.0 < cfg.hetlora_gamma <= 1.0:  # also refuses nan
+        raise FedLoraError(
+            f"config key 'hetlora_gamma' must be in (0, 1] (1: no rank pruning), got {cfg.hetlora_gamma}"
+        )
     if "schedule" in used and not cfg.schedule:
         raise FedLoraError(
             "method 'schedule' needs config key 'schedule': a list of {method, rounds} phases"

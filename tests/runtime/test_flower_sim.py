@@ -29,6 +29,9 @@ PARITY_RUNS = {
     "fra": [],
     "fedex": [],
     "flora": ["client_ranks=[2,4,3]"],
+    # client 1 above rank=4: its ranks 4, 5 come from the method state on the server
+    "flexlora": ["client_ranks=[2,6,3]"],
+    "hetlora": ["client_ranks=[2,6,3]", "hetlora_gamma=0.5"],
     "slora": ["slora_rounds=1"],  # round 1 sparse (values on the wire), then the switch
 }
 FOLDS_INTO_BASE = {"fedex", "flora"}

@@ -7,6 +7,10 @@ normalised weights ``w_k``, the clients' average update is ``M = sum_k w_k B_k A
 - :func:`fedex`: the same means plus the dense residual ``M - B A`` (FedEx-LoRA).
 - :func:`stack`: rank-``sum_k r_k`` factors with ``B A = M`` exactly (FLoRA).
 - :func:`fra`, :func:`fra_with_error`: best rank-``r`` approximation of ``M`` (FRA-LoRA).
+- :func:`flexlora`, :func:`hetlora`, :func:`truncate`, :func:`zero_pad`,
+  :func:`sparsity_weights`, :func:`tail_norm`, :func:`pruned_rank`, :func:`lora_norm`:
+  clients of different ranks (FlexLoRA's SVD redistribution; HetLoRA's zero-padding,
+  sparsity weights and rank self-pruning).
 - :func:`weighted_mean`: the plain weighted mean of one tensor per client (a factor
   trained against a shared frozen partner, the head).
 - :func:`relative_update_error`: ``||M - X||_F / ||M||_F`` of what the model holds after
@@ -18,6 +22,16 @@ normalised weights ``w_k``, the clients' average update is ``M = sum_k w_k B_k A
 from fedlora.aggregation.error import relative_update_error
 from fedlora.aggregation.factors import LayerFactors, check_factors, normalise_weights
 from fedlora.aggregation.fra import fra, fra_truncation_error, fra_with_error
+from fedlora.aggregation.hetero import (
+    flexlora,
+    hetlora,
+    lora_norm,
+    pruned_rank,
+    sparsity_weights,
+    tail_norm,
+    truncate,
+    zero_pad,
+)
 from fedlora.aggregation.lora_math import fedavg, fedavg_error, fedex, stack, weighted_mean
 
 __all__ = [
@@ -26,11 +40,19 @@ __all__ = [
     "fedavg",
     "fedavg_error",
     "fedex",
+    "flexlora",
     "fra",
     "fra_truncation_error",
     "fra_with_error",
+    "hetlora",
+    "lora_norm",
     "normalise_weights",
+    "pruned_rank",
     "relative_update_error",
+    "sparsity_weights",
     "stack",
+    "tail_norm",
+    "truncate",
     "weighted_mean",
+    "zero_pad",
 ]

@@ -16,8 +16,10 @@ from fedlora.methods.centralized import Centralized
 from fedlora.methods.fedavg import FedAvgLoRA
 from fedlora.methods.fedex import FedExLoRA
 from fedlora.methods.ffa import FFALoRA
+from fedlora.methods.flexlora import FlexLoRA
 from fedlora.methods.flora import FLoRA
 from fedlora.methods.fra import FRALoRA
+from fedlora.methods.hetlora import HetLoRA
 from fedlora.methods.rolora import RoLoRA
 from fedlora.methods.schedule import Schedule
 from fedlora.methods.slora import SLoRA
@@ -60,6 +62,21 @@ METHODS: dict[str, Callable[[Config], LoRAMethod]] = {
     "fedex": lambda cfg: FedExLoRA(train_head=_head(cfg)),
     "flora": lambda cfg: FLoRA(
         client_ranks=cfg.client_ranks, rank=cfg.rank, seed=cfg.seed, train_head=_head(cfg)
+    ),
+    "flexlora": lambda cfg: FlexLoRA(
+        client_ranks=cfg.client_ranks,
+        rank=cfg.rank,
+        client_alpha=cfg.client_alpha,
+        seed=cfg.seed,
+        train_head=_head(cfg),
+    ),
+    "hetlora": lambda cfg: HetLoRA(
+        client_ranks=cfg.client_ranks,
+        rank=cfg.rank,
+        gamma=cfg.hetlora_gamma,
+        client_alpha=cfg.client_alpha,
+        seed=cfg.seed,
+        train_head=_head(cfg),
     ),
     "slora": lambda cfg: SLoRA(
         slora_rounds=cfg.slora_rounds,
