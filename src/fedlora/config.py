@@ -161,6 +161,7 @@ class Config:
     client_ranks: list[int] | None = None
     client_alpha: str = "fixed"
     hetlora_gamma: float = 0.99  # HetLoRA's decay factor: rank self-pruning (1: none)
+    fair_lambda: float = 0.01  # lorafair: the weight of ||dB|| (LoRA-FAIR's lambda)
     schedule: list[Phase] | None = None
     slora_rounds: int = 2  # slora: rounds of sparse fine-tuning before LoRA (its stage 1)
     slora_density: float = 0.01  # slora: share of each target weight's entries it trains
@@ -368,6 +369,10 @@ def _check_training_controls(cfg: Config) -> None:
 
 def _check_method_options(cfg: Config) -> None:
     used = {cfg.method, *cfg.methods}
+    if not 0.0 <= cfg.fair_lambda < float("inf"):  # also refuses nan
+        raise FedLoraError(
+            f"config key 'fair_lambda' must be a finite number >= 0, got {cfg.fair_lambda}"
+        )
     if cfg.client_ranks is not None:
         if not used & set(HETERO_RANK_METHODS):
             raise FedLoraError(

@@ -33,6 +33,7 @@ PARITY_RUNS = {
     "flexlora": ["client_ranks=[2,6,3]"],
     "hetlora": ["client_ranks=[2,6,3]", "hetlora_gamma=0.5"],
     "slora": ["slora_rounds=1"],  # round 1 sparse (values on the wire), then the switch
+    "lorafair": [],
 }
 FOLDS_INTO_BASE = {"fedex", "flora"}
 

@@ -7,6 +7,8 @@ normalised weights ``w_k``, the clients' average update is ``M = sum_k w_k B_k A
 - :func:`fedex`: the same means plus the dense residual ``M - B A`` (FedEx-LoRA).
 - :func:`stack`: rank-``sum_k r_k`` factors with ``B A = M`` exactly (FLoRA).
 - :func:`fra`, :func:`fra_with_error`: best rank-``r`` approximation of ``M`` (FRA-LoRA).
+- :func:`lora_fair`: the means, with ``B`` corrected so that ``B A`` aligns with ``M``
+  (LoRA-FAIR).
 - :func:`flexlora`, :func:`hetlora`, :func:`truncate`, :func:`zero_pad`,
   :func:`sparsity_weights`, :func:`tail_norm`, :func:`pruned_rank`, :func:`lora_norm`:
   clients of different ranks (FlexLoRA's SVD redistribution; HetLoRA's zero-padding,
@@ -21,6 +23,7 @@ normalised weights ``w_k``, the clients' average update is ``M = sum_k w_k B_k A
 
 from fedlora.aggregation.error import relative_update_error
 from fedlora.aggregation.factors import LayerFactors, check_factors, normalise_weights
+from fedlora.aggregation.fair import FairCorrection, lora_fair
 from fedlora.aggregation.fra import fra, fra_truncation_error, fra_with_error
 from fedlora.aggregation.hetero import (
     flexlora,
@@ -35,6 +38,7 @@ from fedlora.aggregation.hetero import (
 from fedlora.aggregation.lora_math import fedavg, fedavg_error, fedex, stack, weighted_mean
 
 __all__ = [
+    "FairCorrection",
     "LayerFactors",
     "check_factors",
     "fedavg",
@@ -45,6 +49,7 @@ __all__ = [
     "fra_truncation_error",
     "fra_with_error",
     "hetlora",
+    "lora_fair",
     "lora_norm",
     "normalise_weights",
     "pruned_rank",

@@ -20,6 +20,7 @@ from fedlora.methods.flexlora import FlexLoRA
 from fedlora.methods.flora import FLoRA
 from fedlora.methods.fra import FRALoRA
 from fedlora.methods.hetlora import HetLoRA
+from fedlora.methods.lorafair import LoRAFAIR
 from fedlora.methods.rolora import RoLoRA
 from fedlora.methods.schedule import Schedule
 from fedlora.methods.slora import SLoRA
@@ -84,6 +85,7 @@ METHODS: dict[str, Callable[[Config], LoRAMethod]] = {
         seed=cfg.seed,
         train_head=_head(cfg),
     ),
+    "lorafair": lambda cfg: LoRAFAIR(lam=cfg.fair_lambda, train_head=_head(cfg)),
     "centralized": lambda cfg: Centralized(train_head=_head(cfg)),
     "schedule": _schedule,
 }
