@@ -71,6 +71,8 @@ def config_for(name: str):
 @pytest.mark.parametrize("name", METHOD_NAMES)
 def test_identical_clients_are_a_fixed_point(name: str):
     method = build_method(name, config_for(name))
+    if method.private:  # no global model: each client's own is (tests/methods/test_fedsa.py)
+        pytest.skip("clients keep private parts: the fixed point is each client's own model")
     start, trained = random_state(0), random_state(1)
     plan = method.plan(1)
     n = 1 if name == "centralized" else 3

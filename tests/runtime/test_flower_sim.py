@@ -29,6 +29,8 @@ PARITY_RUNS = {
     "fra": [],
     "fedex": [],
     "flora": ["client_ranks=[2,4,3]"],
+    # stateful clients: each SuperNode keeps its client's B on disk; personal accuracy rows
+    "fedsa": [],
     # client 1 above rank=4: its ranks 4, 5 come from the method state on the server
     "flexlora": ["client_ranks=[2,6,3]"],
     "hetlora": ["client_ranks=[2,6,3]", "hetlora_gamma=0.5"],

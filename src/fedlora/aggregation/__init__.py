@@ -13,6 +13,8 @@ normalised weights ``w_k``, the clients' average update is ``M = sum_k w_k B_k A
   :func:`sparsity_weights`, :func:`tail_norm`, :func:`pruned_rank`, :func:`lora_norm`:
   clients of different ranks (FlexLoRA's SVD redistribution; HetLoRA's zero-padding,
   sparsity weights and rank self-pruning).
+- :func:`fedsa`, :func:`personal_increment`: the mean of the shared ``A`` only, each
+  client's ``B_k`` kept by the client (FedSA-LoRA).
 - :func:`weighted_mean`: the plain weighted mean of one tensor per client (a factor
   trained against a shared frozen partner, the head).
 - :func:`relative_update_error`: ``||M - X||_F / ||M||_F`` of what the model holds after
@@ -36,6 +38,7 @@ from fedlora.aggregation.hetero import (
     zero_pad,
 )
 from fedlora.aggregation.lora_math import fedavg, fedavg_error, fedex, stack, weighted_mean
+from fedlora.aggregation.selective import fedsa, personal_increment
 
 __all__ = [
     "FairCorrection",
@@ -44,6 +47,7 @@ __all__ = [
     "fedavg",
     "fedavg_error",
     "fedex",
+    "fedsa",
     "flexlora",
     "fra",
     "fra_truncation_error",
@@ -52,6 +56,7 @@ __all__ = [
     "lora_fair",
     "lora_norm",
     "normalise_weights",
+    "personal_increment",
     "pruned_rank",
     "relative_update_error",
     "sparsity_weights",

@@ -15,6 +15,7 @@ from fedlora.methods.base import Aggregate, LoRAMethod
 from fedlora.methods.centralized import Centralized
 from fedlora.methods.fedavg import FedAvgLoRA
 from fedlora.methods.fedex import FedExLoRA
+from fedlora.methods.fedsa import FedSALoRA
 from fedlora.methods.ffa import FFALoRA
 from fedlora.methods.flexlora import FlexLoRA
 from fedlora.methods.flora import FLoRA
@@ -86,6 +87,7 @@ METHODS: dict[str, Callable[[Config], LoRAMethod]] = {
         train_head=_head(cfg),
     ),
     "lorafair": lambda cfg: LoRAFAIR(lam=cfg.fair_lambda, train_head=_head(cfg)),
+    "fedsa": lambda cfg: FedSALoRA(train_head=_head(cfg)),
     "centralized": lambda cfg: Centralized(train_head=_head(cfg)),
     "schedule": _schedule,
 }

@@ -66,6 +66,14 @@ class LoRAMethod:
             relative. False for the methods that fold increments into them (FedEx-LoRA,
             FLoRA); ``config`` refuses those with DoRA. Clients train the magnitude in the
             rounds that train ``B`` (:attr:`~fedlora.messages.RoundPlan.train_magnitude`).
+        private: the parts of the adapter (kinds of :class:`~fedlora.messages.AdapterState`:
+            ``"B"``, ``"head"``, ``"magnitude"``) that each client keeps across rounds and
+            never sends (FedSA-LoRA: everything but ``A``). Clients of such a method are
+            stateful (:mod:`fedlora.client.state`): each trains from the global shared part
+            with its own private part swapped in, the server sends and receives the shared
+            part only, every evaluation adds each client's personalised accuracy, and no
+            ``agg_error`` is reported (there is no global model whose update could be
+            compared with the clients').
     """
 
     name: str = ""
@@ -76,6 +84,7 @@ class LoRAMethod:
     period: int = 1
     default_lr: float = 3e-3
     carries_magnitude: bool = True
+    private: tuple[str, ...] = ()
 
     def __init__(self, *, train_head: bool = True) -> None:
         self.train_head = train_head

@@ -18,12 +18,16 @@ def _evaluated(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], 
 
 
 def plot_run(rows: Sequence[Mapping[str, Any]], out_dir: Path, *, title: str) -> list[Path]:
-    """Global and per-client accuracy per round (as the FRA-LoRA paper plots them), and
+    """Global and per-client accuracy per round (as the FRA-LoRA paper plots them), the
+    mean personalised accuracy when clients keep models of their own (FedSA-LoRA), and
     the aggregation error per round when the method has one."""
     written = []
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     x, y = _evaluated(rows, "accuracy")
     ax.plot(x, y, "k-o", lw=2, ms=3, label="global (global eval set)")
+    x, y = _evaluated(rows, "personal_accuracy")
+    if x:  # each client's own model on its own eval split, weighted by split size
+        ax.plot(x, y, "b-s", lw=2, ms=3, label="mean personalised (clients' eval splits)")
     client_ids = sorted({c for r in rows for c in (r.get("client_accuracy") or {})}, key=int)
     for cid in client_ids:
         pts = [
@@ -66,11 +70,15 @@ def plot_run(rows: Sequence[Mapping[str, Any]], out_dir: Path, *, title: str) ->
 def plot_comparison(
     runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, *, title: str
 ) -> Path:
-    """Global accuracy per round, one line per method."""
+    """Global accuracy per round, one line per method (dotted, in the same colour: the
+    mean personalised accuracy of a method whose clients keep models of their own)."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.0))
     for name, rows in runs.items():
         x, y = _evaluated(rows, "accuracy")
-        axes[0].plot(x, y, "-o", ms=3, label=name)
+        (line,) = axes[0].plot(x, y, "-o", ms=3, label=name)
+        px, py = _evaluated(rows, "personal_accuracy")
+        if px:
+            axes[0].plot(px, py, ":s", ms=3, color=line.get_color(), label=f"{name} (personal)")
         uploaded, acc = [], []
         total = 0
         for r in rows:

@@ -4,9 +4,10 @@ A checkpoint is everything the next round depends on: the global adapter (factor
 and a DoRA adapter's magnitude vectors), the frozen weights that aggregation changed (FedEx-LoRA, FLoRA fold increments into
 them), their running sum (saved with the final adapter), the method's state (RoLoRA's
 phase, a schedule's switch), the client-sampling RNG, the DP accountants, the optimizer state of a trainer that keeps one across rounds (the
-centralized baseline), and the round. Federated client training needs nothing else: its
-batches and dropout are seeded from ``(seed, round, client)`` and its optimizer is fresh
-every round.
+centralized baseline), the private parts that stateful clients keep between rounds
+(FedSA-LoRA's ``B``, held by the in-process runtime's server process), and the round.
+Federated client training needs nothing else: its batches and dropout are seeded from
+``(seed, round, client)`` and its optimizer is fresh every round.
 
 On disk, in ``RUN_DIR/checkpoint/``: ``round-<t>.safetensors`` (the tensors) and
 ``checkpoint.json`` (the rest, naming the tensor file). Both are written to a temporary
@@ -34,7 +35,7 @@ from fedlora.messages import AdapterState
 
 CHECKPOINT_DIR = "checkpoint"
 INDEX = "checkpoint.json"
-_GROUPS = ("A", "B", "head", "magnitude", "base_total", "base", "optim")
+_GROUPS = ("A", "B", "head", "magnitude", "base_total", "base", "optim", "clients")
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ class Checkpoint:
     pending_delta_bytes: int = 0
     privacy: dict[str, Any] | None = None
     optimizers: dict[int, dict[str, Any]] = field(default_factory=dict)  # client -> state_dict
+    # the private parts stateful clients keep (FedSA-LoRA's B), ClientStore.state_dict()
+    clients: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _split_optimizers(
@@ -100,6 +103,7 @@ def save_checkpoint(run_path: Path, ckpt: Checkpoint) -> None:
         "magnitude": ckpt.state.magnitude,
         "base_total": ckpt.base_total,
         "base": ckpt.base,
+        "clients": ckpt.clients,
     }
     optim_tensors, optim_meta = _split_optimizers(ckpt.optimizers)
     groups["optim"] = optim_tensors
@@ -155,6 +159,7 @@ def load_checkpoint(run_path: Path) -> Checkpoint | None:
         pending_delta_bytes=int(index["pending_delta_bytes"]),
         privacy=index["privacy"],
         optimizers=_join_optimizers(groups["optim"], index.get("optimizers", {})),
+        clients=groups["clients"],
     )
 
 
@@ -204,6 +209,7 @@ def capture(
     pending_delta_bytes: int,
     privacy: Any | None,
     optimizers: dict[int, dict[str, Any]] | None = None,
+    clients: dict[str, torch.Tensor] | None = None,
 ) -> Checkpoint:
     """The loop's state at the end of ``round`` (``base_weight(layer)`` reads a frozen weight)."""
     return Checkpoint(
@@ -216,6 +222,7 @@ def capture(
         pending_delta_bytes=pending_delta_bytes,
         privacy=privacy.state_dict() if privacy is not None else None,
         optimizers=dict(optimizers or {}),
+        clients=dict(clients or {}),
     )
 
 

@@ -22,11 +22,13 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from fedlora.client import LocalTraining, evaluate_split, train_client
+from fedlora.client.state import ClientStore, evaluate_personal
 from fedlora.federation import Federation, Log, stderr_log
 from fedlora.messages import ClientUpdate
 from fedlora.methods import Method
 from fedlora.outputs import RunDir
 from fedlora.runtime.checkpoint import Checkpoint, debug_kill
+from fedlora.runtime.rows import personal_row
 from fedlora.runtime.server import RoundStart, Server, sample_clients
 
 if TYPE_CHECKING:
@@ -35,8 +37,9 @@ if TYPE_CHECKING:
 __all__ = ["evaluate_global", "run_federated", "sample_clients"]
 
 
-def evaluate_global(fed: Federation) -> dict[str, Any]:
-    """Global eval set and every client's eval split; causal-LM data adds perplexity."""
+def evaluate_global(fed: Federation, store: ClientStore | None = None) -> dict[str, Any]:
+    """Global eval set and every client's eval split; causal-LM data adds perplexity.
+    With stateful clients (``store``) each client's own model on its eval split too."""
     size = fed.cfg.eval_batch_size
     precision = fed.cfg.precision
     row: dict[str, Any] = evaluate_split(
@@ -49,6 +52,17 @@ def evaluate_global(fed: Federation) -> dict[str, Any]:
     row["client_accuracy"] = {cid: m["accuracy"] for cid, m in per_client.items()}
     if "perplexity" in row:
         row["client_perplexity"] = {cid: m["perplexity"] for cid, m in per_client.items()}
+    if store is not None:
+        splits = {cid: s.eval for cid, s in fed.encoded.items()}
+        personal = evaluate_personal(
+            adapter=fed.adapter,
+            store=store,
+            splits=splits,
+            evaluate=lambda data: evaluate_split(
+                fed.adapter.model, data, batch_size=size, precision=precision
+            ),
+        )
+        row |= personal_row(personal, {cid: len(d) for cid, d in splits.items()})
     return row
 
 
@@ -58,6 +72,7 @@ def _train_round(
     start: RoundStart,
     privacy: FederatedPrivacy | None,
     optimizers: dict[int, dict[str, Any]],
+    store: ClientStore | None = None,
 ) -> list[ClientUpdate]:
     cfg, plan, starts = fed.cfg, start.plan, start.starts
     settings = LocalTraining.from_config(cfg)
@@ -74,6 +89,8 @@ def _train_round(
     updates = []
     for cid, state, data in jobs:
         train = train_client if privacy is None else privacy.trainer(cid)  # DP wraps the trainer
+        if store is not None:  # the client's own private part in, only the shared part out
+            train = store.trainer(train)
         kept = optimizers.setdefault(cid, {}) if method.keeps_optimizer else None
         update = train(
             adapter=fed.adapter,
@@ -115,16 +132,16 @@ def run_federated(
     )
     if server.needs_round_zero:
         t0 = time.perf_counter()
-        first = evaluate_global(fed)
+        first = evaluate_global(fed, server.client_store)
         server.end_round(server.start_row() | {"time_eval_s": time.perf_counter() - t0}, first)
     for t in server.rounds():
         start = server.begin_round(t)
         if start is None:
             break
-        updates = _train_round(fed, method, start, privacy, server.optimizers)
+        updates = _train_round(fed, method, start, privacy, server.optimizers, server.client_store)
         row = server.finish_round(start, updates)
         t0 = time.perf_counter()
-        evaluation = evaluate_global(fed) if server.eval_due(t) else None
+        evaluation = evaluate_global(fed, server.client_store) if server.eval_due(t) else None
         row["time_eval_s"] = time.perf_counter() - t0
         server.end_round(row, evaluation)
     return server.finish()

@@ -2,7 +2,8 @@
 
 A round's row starts with what the server knows after aggregation (:func:`round_row`),
 then gains the evaluation (``accuracy``, ``loss``, ``client_accuracy``, or ``None`` on
-rounds that are not evaluated) and the timings. Round 0 (:func:`start_row`) evaluates
+rounds that are not evaluated; stateful clients add their personalised accuracies,
+:func:`personal_row`) and the timings. Round 0 (:func:`start_row`) evaluates
 the starting model before any training.
 """
 
@@ -66,6 +67,20 @@ def round_row(
     for name, values in result.diagnostics.items():
         row[name] = _summary(values)
     return row
+
+
+def personal_row(
+    scores: Mapping[int, Mapping[str, float]], sizes: Mapping[int, int]
+) -> dict[str, Any]:
+    """Stateful clients' own models on their own eval splits (FedSA-LoRA): each client's
+    accuracy (``client_personal_accuracy``) and their mean weighted by eval-split size
+    (``personal_accuracy``, the accuracy over all clients' eval examples together; None
+    when no client has any)."""
+    per_client = {cid: scores[cid]["accuracy"] for cid in sorted(scores)}
+    counted = {cid: sizes[cid] for cid in per_client if sizes.get(cid)}
+    total = sum(counted.values())
+    mean = sum(per_client[c] * n for c, n in counted.items()) / total if total else None
+    return {"client_personal_accuracy": per_client, "personal_accuracy": mean}
 
 
 def _summary(values: Mapping[str, float]) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fedlora.client.state import ClientStore, shared_part
 from fedlora.federation import Federation, Log
 from fedlora.messages import AdapterState, ClientUpdate, RoundPlan
 from fedlora.methods import Aggregate, LoRAMethod
@@ -52,7 +53,8 @@ class RoundStart:
     """What the server decided at the start of a round.
 
     ``starts[c]`` is the adapter client ``c`` trains from (the global one, unless the method
-    restarts clients from their own: FLoRA); ``download_bytes`` what sending it costs in
+    restarts clients from their own: FLoRA), without the parts clients keep themselves
+    (:attr:`~fedlora.methods.base.LoRAMethod.private`); ``download_bytes`` what sending it costs in
     all, the method's communication cost (the adapter plus last round's folded increment,
     in the form the method sends it, per sampled client).
     """
@@ -99,6 +101,11 @@ class Server:
         self.rows: list[dict[str, Any]] = []
         self.train_sizes: dict[int, int] = {}  # what remote clients report holding
         self.started = time.perf_counter()
+        # Stateful clients' private parts (FedSA-LoRA's B), when this process holds them
+        # (in-process); on Flower each SuperNode keeps its own and this store stays empty.
+        self.client_store: ClientStore | None = None
+        if method.private:
+            self.client_store = ClientStore(self.state, private=method.private)
         if resume is not None:
             self.rng = restore(resume, adapter=fed.adapter, method=method, privacy=privacy)
             device = model_device(fed.adapter.model)  # a checkpoint is read onto the CPU
@@ -107,6 +114,10 @@ class Server:
             self.pending_delta_bytes = resume.pending_delta_bytes
             self.optimizers = dict(resume.optimizers)
             self.rows = read_metrics(run_dir.path)
+            if self.client_store is not None:
+                self.client_store.load_state_dict(
+                    {k: v.to(device) for k, v in resume.clients.items()}
+                )
             log(f"{self.tag} resuming after round {resume.round}/{self.cfg.rounds}")
 
     # -- the rounds ---------------------------------------------------------------------
@@ -133,14 +144,19 @@ class Server:
             return None
         plan = self.method.plan(round)
         sampled = sample_clients(pool, self.cfg.client_fraction, self.rng)
+        private = self.method.private  # what stays with the clients is never sent
         starts = {
-            cid: self.method.client_start(self.state, client_id=cid, plan=plan) for cid in sampled
+            cid: shared_part(
+                self.method.client_start(self.state, client_id=cid, plan=plan), private
+            )
+            for cid in sampled
         }
+        sent = shared_part(self.state, private).nbytes()
         return RoundStart(
             plan=plan,
             clients=sampled,
             starts=starts,
-            download_bytes=(self.state.nbytes() + self.pending_delta_bytes) * len(sampled),
+            download_bytes=(sent + self.pending_delta_bytes) * len(sampled),
             started=time.perf_counter(),
         )
 
@@ -188,7 +204,9 @@ class Server:
             updates=updates,
             download_bytes=start.download_bytes,
             result=result,
-            errors=update_error(
+            errors={}  # private parts: no global update to compare (LoRAMethod.private)
+            if method.private
+            else update_error(
                 before=before,
                 starts=start.starts,
                 updates=updates,
@@ -226,12 +244,15 @@ class Server:
                 pending_delta_bytes=self.pending_delta_bytes,
                 privacy=self.privacy,
                 optimizers=self.optimizers,
+                clients=None if self.client_store is None else self.client_store.state_dict(),
             ),
         )
         debug_kill("checkpoint", t)
         line = progress_line(self.tag, row, rounds=self.cfg.rounds)
         if row.get("perplexity") is not None:
             line += f"  perplexity {row['perplexity']:.3f}"
+        if row.get("personal_accuracy") is not None:  # stateful clients' own models
+            line += f"  personal accuracy {row['personal_accuracy']:.4f}"
         if self.privacy is not None and row.get("epsilon"):
             line += f"  epsilon <= {max(row['epsilon'].values()):.3f}"
         self.log(line)

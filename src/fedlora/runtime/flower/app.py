@@ -22,7 +22,8 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora import recipes
-from fedlora.client import LocalTraining, evaluate, train_client
+from fedlora.client import LocalTraining, evaluate, evaluate_split, train_client
+from fedlora.client.state import evaluate_personal, node_store
 from fedlora.config import Config
 from fedlora.errors import FedLoraError
 from fedlora.federation import Federation, Log, build_federation, silent, stderr_log
@@ -101,7 +102,10 @@ def _train(msg: Message, context: Context) -> Message:
             f"fail_client_round: client {client.client_id} fails in round {ins.plan.round}"
         )
     client.model.set_base(ins.base_delta)
-    update = train_client(
+    store = node_store(cfg, context.node_config, client.model.initial_state)
+    # a stateful client (FedSA-LoRA): its own B from this node's store, only A sent back
+    train = train_client if store is None else store.trainer(train_client)
+    update = train(
         adapter=client.model.adapter,
         state=ins.state,
         data=client.train,
@@ -137,4 +141,18 @@ def _evaluate(msg: Message, context: Context) -> Message:
             "num-train-examples": len(client.train),
         }
     )
+    store = node_store(cfg, context.node_config, client.model.initial_state)
+    if store is not None:  # this client's own model too: the global A with its own B
+        (own,) = evaluate_personal(
+            adapter=client.model.adapter,
+            store=store,
+            splits={client.client_id: client.eval},
+            evaluate=lambda data: evaluate_split(
+                client.model.adapter.model,
+                data,
+                batch_size=cfg.eval_batch_size,
+                precision=cfg.precision,
+            ),
+        ).values()
+        metrics["personal-accuracy"] = own["accuracy"]
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

@@ -34,6 +34,7 @@ from fedlora.federation import (
     model_settings,
     silent,
 )
+from fedlora.messages import AdapterState
 from fedlora.models import PeftAdapter, load_classifier
 from fedlora.models.prefix import plan_prefix_cache
 
@@ -45,6 +46,9 @@ class LocalModel:
     adapter: PeftAdapter
     initial_base: dict[str, torch.Tensor]
     folded: bool = False
+    # the adapter as built (same seed as the server's): the private part a stateful
+    # client (FedSA-LoRA) holds before it first trains
+    initial_state: AdapterState | None = None
 
     @torch.no_grad()
     def set_base(self, base_delta: Mapping[str, torch.Tensor]) -> None:
@@ -94,7 +98,10 @@ def local_client(
     if config_text not in _PARTITIONED:
         _PARTITIONED.clear()
         fed = build_federation(cfg, log=silent)
-        _PARTITIONED[config_text] = (fed, LocalModel(fed.adapter, fed.initial_base))
+        _PARTITIONED[config_text] = (
+            fed,
+            LocalModel(fed.adapter, fed.initial_base, initial_state=fed.initial_state),
+        )
     fed, model = _PARTITIONED[config_text]
     if client_id not in fed.encoded:
         raise FedLoraError(
@@ -163,7 +170,7 @@ def _own_data_client(cfg: Config, path: Path, client_id: int, names: list[str]) 
 
     return LocalClient(
         client_id=client_id,
-        model=LocalModel(adapter, initial),
+        model=LocalModel(adapter, initial, initial_state=adapter.get_state()),
         train=enc(train),
         eval=enc(held_out),
     )

@@ -34,6 +34,7 @@ from fedlora.federation import Federation, Log
 from fedlora.messages import AdapterState, ClientUpdate, RoundPlan
 from fedlora.models.device import model_device
 from fedlora.runtime.flower import codec
+from fedlora.runtime.rows import personal_row
 from fedlora.runtime.server import RoundStart, Server
 
 # What a SuperNode's evaluation reply may carry, per client.
@@ -217,6 +218,8 @@ class FedLoRAStrategy(Strategy):
         if not self.server.eval_due(server_round):
             return None
         per_client: dict[int, dict[str, float]] = {}
+        personal: dict[int, dict[str, float]] = {}  # stateful clients' own models
+        sizes: dict[int, int] = {}
         seen: dict[int, int] = {}  # client id -> SuperNode id, from this round's replies
         for reply in replies:
             node = self._node_of(reply)
@@ -236,11 +239,16 @@ class FedLoRAStrategy(Strategy):
                 )
             self.server.train_sizes.setdefault(cid, int(metrics["num-train-examples"]))  # type: ignore[arg-type]
             per_client[cid] = {k: float(metrics[k]) for k in EVAL_METRICS if k in metrics}  # type: ignore[arg-type]
+            sizes[cid] = int(metrics["num-examples"])  # type: ignore[arg-type]
+            if "personal-accuracy" in metrics:
+                personal[cid] = {"accuracy": float(metrics["personal-accuracy"])}  # type: ignore[arg-type]
         self.nodes.update(seen)
         clients = dict(sorted(per_client.items()))
         self.row["client_accuracy"] = {c: m["accuracy"] for c, m in clients.items()}
         if any("perplexity" in m for m in clients.values()):
             self.row["client_perplexity"] = {c: m["perplexity"] for c, m in clients.items()}
+        if personal:
+            self.row |= personal_row(personal, sizes)
         return MetricRecord({"clients": len(clients)})
 
     def find_nodes(self, grid: Grid) -> None:
