@@ -442,11 +442,11 @@ def _check_adapter(cfg: Config) -> None:
         raise FedLoraError("adapter=dora is not supported with dp.* (DP-SGD): use adapter=lora")
     phases = [p.method for p in cfg.schedule or []]
     for name in dict.fromkeys([cfg.method, *cfg.methods, *phases]):
-        if not build_method(name, cfg).carries_magnitude:
+        method = build_method(name, cfg)
+        if not method.carries_magnitude:
             raise FedLoraError(
-                f"adapter=dora cannot run with method {name}: it folds increments into the "
-                "frozen weights, so the magnitude vector no longer scales the weight the clients "
-                "trained; use adapter=lora, or a method that keeps its update in the adapter"
+                f"adapter=dora cannot run with method {name}: {method.magnitude_refusal}; "
+                "use adapter=lora"
             )
 
 

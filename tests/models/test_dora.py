@@ -295,7 +295,8 @@ def test_dora_is_refused_with_a_method_that_folds_into_the_base(overrides, metho
         load_config(None, ["adapter=dora", *overrides])
     message = str(info.value)
     assert "\n" not in message
-    assert message.startswith(f"adapter=dora cannot run with method {method}: it folds")
+    assert message.startswith(f"adapter=dora cannot run with method {method}: it ")
+    assert "into the frozen weights" in message
 
 
 def test_dora_is_refused_with_dp():

@@ -84,6 +84,7 @@ class LoRAMethod:
     period: int = 1
     default_lr: float = 3e-3
     carries_magnitude: bool = True
+    magnitude_refusal: str = ""  # why not, when carries_magnitude is False
     private: tuple[str, ...] = ()
 
     def __init__(self, *, train_head: bool = True) -> None:

@@ -27,7 +27,11 @@ from fedlora.methods.base import Aggregate, LoRAMethod, aggregate_head, aggregat
 class FedExLoRA(LoRAMethod):
     name = "fedex"
     paper_weighting = "uniform"
-    carries_magnitude = False  # the residual changes W0, which DoRA's magnitude is relative to
+    carries_magnitude = False
+    magnitude_refusal = (
+        "it folds its residual into the frozen weights, so the magnitude vector no longer "
+        "scales the weight the clients trained"
+    )
 
     def aggregate(
         self,

@@ -130,8 +130,11 @@ class ServerFactors:
 
 class FlexLoRA(LoRAMethod):
     name = "flexlora"
-    # PEFT keeps one magnitude vector per named adapter, i.e. per client rank here
     carries_magnitude = False
+    magnitude_refusal = (
+        "its clients train adapters of different ranks, and PEFT keeps one magnitude vector "
+        "per rank adapter"
+    )
 
     def __init__(
         self,

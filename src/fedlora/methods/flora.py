@@ -44,7 +44,11 @@ def kaiming_uniform_A(rank: int, in_features: int, *, generator: torch.Generator
 
 class FLoRA(LoRAMethod):
     name = "flora"
-    carries_magnitude = False  # the merge changes W0, which DoRA's magnitude is relative to
+    carries_magnitude = False
+    magnitude_refusal = (
+        "it merges the stacked factors into the frozen weights, so the magnitude vector no "
+        "longer scales the weight the clients trained"
+    )
 
     def __init__(
         self,

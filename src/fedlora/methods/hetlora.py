@@ -60,8 +60,11 @@ class HetLoRA(LoRAMethod):
     name = "hetlora"
     # Fig. 2b: the weights are the sparsity weights alone, no n_k
     paper_weighting = "uniform"
-    # PEFT keeps one magnitude vector per named adapter, i.e. per client rank here
     carries_magnitude = False
+    magnitude_refusal = (
+        "its clients train adapters of different ranks, and PEFT keeps one magnitude vector "
+        "per rank adapter"
+    )
 
     def __init__(
         self,

@@ -73,7 +73,8 @@ from fedlora.methods.fedavg import FedAvgLoRA
 
 class SLoRA(LoRAMethod):
     name = "slora"
-    carries_magnitude = False  # stage 1 changes the frozen weights (a DoRA adapter cannot)
+    carries_magnitude = False
+    magnitude_refusal = "its first stage trains the frozen weights themselves"
 
     def __init__(
         self, *, slora_rounds: int, density: float, seed: int, train_head: bool = True
