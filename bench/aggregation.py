@@ -7,6 +7,16 @@ works on QR factors of the stacked ``(out, R)`` / ``(in, R)`` matrices and an ``
 
     python bench/aggregation.py                 # 4096 x 4096, K in {3, 10, 50}, r in {2, 8, 16}
     python bench/aggregation.py --quick         # small sanity run (seconds)
+
+``--llm`` times one FRA-LoRA server round at LLM scale instead, today's per-layer route
+(``fra_with_error`` layer after layer, what ``FRALoRA.aggregate`` called) against the batched
+route (``fra_batched``: layers of equal shape as one batch, big QRs in float32; also with
+``qr_dtype=float64``, to tell batching from precision), all in one run, 2 torch threads
+unless ``--threads`` says otherwise. The last columns: the largest ``||X_batched -
+X_per-layer||_F / ||M||_F`` over the layers (``X = B A``) and the 1-minute load average:
+
+    python bench/aggregation.py --llm           # 7B shapes, 10 clients, rank 16
+    python bench/aggregation.py --llm --blocks 2    # the same shapes, 2 blocks (quick)
 """
 
 from __future__ import annotations
@@ -23,7 +33,8 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
-from fedlora.aggregation import fra
+from fedlora.aggregation import fra, fra_with_error
+from fedlora.aggregation.batched import fra_batched
 
 T = TypeVar("T")
 
@@ -69,9 +80,110 @@ def make_layer(*, dim: int, n_clients: int, rank: int, seed: int):
     return As, Bs, weights
 
 
+# A 7B Llama block's LoRA targets, (out, in): attention 4096 x 4096, MLP 11008 x 4096 and back.
+LLAMA_7B = {
+    "q_proj": (4096, 4096),
+    "k_proj": (4096, 4096),
+    "v_proj": (4096, 4096),
+    "o_proj": (4096, 4096),
+    "gate_proj": (11008, 4096),
+    "up_proj": (11008, 4096),
+    "down_proj": (4096, 11008),
+}
+
+
+def llm_round(shapes: list[tuple[int, int]], *, n_clients: int, rank: int, seed: int):
+    """Distinct client factors for every layer (no layer reuses another's tensors)."""
+    g = torch.Generator().manual_seed(seed)
+    As, Bs = [], []
+    for out, inp in shapes:
+        As.append([torch.randn(rank, inp, generator=g) / inp**0.5 for _ in range(n_clients)])
+        Bs.append([0.01 * torch.randn(out, rank, generator=g) for _ in range(n_clients)])
+    weights = (1.0 + torch.rand(n_clients, generator=g)).tolist()
+    return As, Bs, weights
+
+
+def per_layer_route(As, Bs, weights, *, rank: int):
+    g = torch.Generator().manual_seed(0)
+    return [
+        fra_with_error(a, b, weights, rank=rank, generator=g) for a, b in zip(As, Bs, strict=True)
+    ]
+
+
+def batched_route(As, Bs, weights, *, rank: int, qr_dtype: torch.dtype | None = None):
+    g = torch.Generator().manual_seed(0)
+    return fra_batched(As, Bs, weights, rank=rank, generator=g, qr_dtype=qr_dtype)
+
+
+def product_norm(Bs: list[Tensor], As: list[Tensor]) -> Tensor:
+    """``||[B_1 .. B_n] [A_1; ..; A_n]||_F`` in float64 without forming the product."""
+    r_b = torch.linalg.qr(torch.cat(Bs, 1).double(), mode="r")[1]
+    r_a = torch.linalg.qr(torch.cat(As, 0).double().mT, mode="r")[1]
+    return torch.linalg.matrix_norm(r_b @ r_a.mT)
+
+
+def run_llm(args: argparse.Namespace) -> None:
+    cases = [
+        ("q,v", [LLAMA_7B["q_proj"], LLAMA_7B["v_proj"]]),
+        ("all 7", list(LLAMA_7B.values())),
+    ]
+    print(
+        f"torch {torch.__version__}, threads={torch.get_num_threads()}, "
+        f"{os.cpu_count()} CPUs ({platform.machine()}), FRA-LoRA round: "
+        f"{args.llm_clients} clients, rank {args.llm_rank}, float32 factors, "
+        f"median of {args.llm_reps} runs after one warm-up"
+    )
+    print()
+    print(
+        "| targets | layers | per-layer s | batched, f64 QR s | batched s | speed-up "
+        "| ms/layer (batched) | max diff / norm M (Frobenius) | load avg |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for label, block in cases:
+        shapes = block * args.blocks
+        As, Bs, weights = llm_round(
+            shapes, n_clients=args.llm_clients, rank=args.llm_rank, seed=args.seed
+        )
+        t_old, old = median_ms(
+            partial(per_layer_route, As, Bs, weights, rank=args.llm_rank),
+            reps=args.llm_reps,
+            warmup=1,
+        )
+        t_f64, _ = median_ms(
+            partial(batched_route, As, Bs, weights, rank=args.llm_rank, qr_dtype=torch.float64),
+            reps=args.llm_reps,
+            warmup=1,
+        )
+        t_new, new = median_ms(
+            partial(batched_route, As, Bs, weights, rank=args.llm_rank),
+            reps=args.llm_reps,
+            warmup=1,
+        )
+        # ||X_new - X_old||_F / ||M||_F per layer (the unit of tests/aggregation/test_batched.py),
+        # no out x in matrix formed: with QRs B = Q_b R_b and A^T = Q_a R_a (float64),
+        # ||B A||_F = ||R_b R_a^T||_F.
+        total = sum(weights)
+        diff = max(
+            float(
+                product_norm([b1, -b2], [a1, a2])
+                / product_norm([w / total * b for w, b in zip(weights, B_l, strict=True)], A_l)
+            )
+            for (a1, b1, _), (a2, b2, _), A_l, B_l in zip(old, new, As, Bs, strict=True)
+        )
+        print(
+            f"| {label} | {len(shapes)} | {t_old / 1e3:.2f} | {t_f64 / 1e3:.2f} | {t_new / 1e3:.2f} "
+            f"| {t_old / t_new:.2f}x | {t_new / len(shapes):.1f} | {diff:.1e} "
+            f"| {os.getloadavg()[0]:.1f} |",
+            flush=True,
+        )
+        del As, Bs, old, new
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (1; 2 with --llm)"
+    )
     parser.add_argument("--quick", action="store_true", help="512 x 512, K in {3, 10}, r in {2, 8}")
     parser.add_argument("--reps", type=int, default=5, help="timed runs of the factored route")
     parser.add_argument("--dense-reps", type=int, default=1, help="timed runs of the dense SVD")
@@ -83,9 +195,17 @@ def main() -> None:
         action="store_true",
         help="also compare both results with a float64 dense SVD (slow: about 2x a dense run)",
     )
+    parser.add_argument("--llm", action="store_true", help="one round at 7B scale (see above)")
+    parser.add_argument("--blocks", type=int, default=32, help="--llm: transformer blocks")
+    parser.add_argument("--llm-clients", type=int, default=10, help="--llm: clients")
+    parser.add_argument("--llm-rank", type=int, default=16, help="--llm: LoRA rank")
+    parser.add_argument("--llm-reps", type=int, default=3, help="--llm: timed runs per route")
     args = parser.parse_args()
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or (2 if args.llm else 1))
+    if args.llm:
+        run_llm(args)
+        return
     dim, clients, ranks = 4096, [3, 10, 50], [2, 8, 16]
     if args.quick:
         dim, clients, ranks = 512, [3, 10], [2, 8]

@@ -18,7 +18,13 @@ from torch import Tensor
 from fedlora.aggregation.factors import check_factors
 from fedlora.aggregation.lowrank import singular_values_of_product, svd_of_product
 
-__all__ = ["fra", "fra_truncation_error", "fra_with_error", "init_row_norm"]
+__all__ = [
+    "assemble_factors",
+    "fra",
+    "fra_truncation_error",
+    "fra_with_error",
+    "init_row_norm",
+]
 
 
 def _check_rank(rank: int) -> int:
@@ -105,25 +111,54 @@ def fra_with_error(
         ValueError: ``rank < 1``, or invalid factors or weights (see ``check_factors``).
     """
     rank = _check_rank(rank)
+    _check_row_norm(a_row_norm)
     f = check_factors(As, Bs, weights)
     u, s, vh = svd_of_product(f.b_cat, f.w, f.a_cat, top=rank)
+    a, b = assemble_factors(
+        u, s, vh, rank=rank, a_row_norm=a_row_norm, generator=generator, dtype=f.dtype
+    )
+    return a, b, _discarded_share(s, rank)
+
+
+def _check_row_norm(a_row_norm: float | None) -> None:
+    if a_row_norm is not None and not a_row_norm > 0:
+        raise ValueError(f"a_row_norm must be > 0, got {a_row_norm}")
+
+
+def assemble_factors(
+    u: Tensor,
+    s: Tensor,
+    vh: Tensor,
+    *,
+    rank: int,
+    a_row_norm: float | None,
+    generator: torch.Generator | None,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """FRA-LoRA's ``(A, B)`` from the leading singular triplets of ``M``.
+
+    ``u`` (``(out, k)``), ``s`` (all singular values, decreasing, noise already zeroed) and
+    ``vh`` (``(k, in)``) with ``k <= rank``, in the working precision; see
+    :func:`fra_with_error` for the split and the padding. Shared by the per-layer and the
+    batched route (:mod:`fedlora.aggregation.batched`) so that both split, pad and draw
+    from ``generator`` identically. Returns factors cast to ``dtype``, on ``u``'s device.
+    """
+    out_features, in_features, device = u.shape[0], vh.shape[1], u.device
     kept = int((s[: u.shape[1]] > 0).sum())  # singular values zeroed as noise are padding
-    b = torch.zeros(f.out_features, rank, dtype=s.dtype, device=f.device)
-    a = torch.zeros(rank, f.in_features, dtype=s.dtype, device=f.device)
+    b = torch.zeros(out_features, rank, dtype=s.dtype, device=device)
+    a = torch.zeros(rank, in_features, dtype=s.dtype, device=device)
     if a_row_norm is None:
         root = s[:kept].sqrt()
         b[:, :kept] = u[:, :kept] * root
         a[:kept] = root[:, None] * vh[:kept]
     else:
-        if not a_row_norm > 0:
-            raise ValueError(f"a_row_norm must be > 0, got {a_row_norm}")
         b[:, :kept] = u[:, :kept] * (s[:kept] / a_row_norm)
         a[:kept] = a_row_norm * vh[:kept]
     if generator is not None and kept < rank:
-        bound = 1.0 / math.sqrt(f.in_features)
-        fresh = torch.rand(rank - kept, f.in_features, generator=generator, dtype=torch.float64)
-        a[kept:] = ((fresh * 2 - 1) * bound).to(device=f.device, dtype=a.dtype)
-    return a.to(f.dtype), b.to(f.dtype), _discarded_share(s, rank)
+        bound = 1.0 / math.sqrt(in_features)
+        fresh = torch.rand(rank - kept, in_features, generator=generator, dtype=torch.float64)
+        a[kept:] = ((fresh * 2 - 1) * bound).to(device=device, dtype=a.dtype)
+    return a.to(dtype), b.to(dtype)
 
 
 def fra(

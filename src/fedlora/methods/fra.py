@@ -19,6 +19,8 @@ Clients restart each round from these factors with a fresh optimizer (as in ever
 method here), so no optimizer moment refers to the replaced factors.
 ``diagnostics["fra_discarded_energy"]`` is ``sum_{i>r} sigma_i^2 / sum_i sigma_i^2``;
 ``agg_error`` (every method's unit) is its square root.
+All layers are aggregated by one call of :func:`fedlora.aggregation.batched.fra_batched`,
+which decomposes layers of equal shape as one batch (float32 QRs for float32 adapters).
 """
 
 from __future__ import annotations
@@ -26,11 +28,18 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+from torch import Tensor
 
-from fedlora import aggregation
+from fedlora.aggregation.batched import fra_batched
 from fedlora.aggregation.fra import init_row_norm
 from fedlora.messages import AdapterState, ClientUpdate, RoundPlan
 from fedlora.methods.base import Aggregate, LoRAMethod, aggregate_head, aggregate_magnitude
+
+
+def _relative_b(update: ClientUpdate, layer: str, scaling: float) -> Tensor:
+    """``(s_k / s) B_k``: the client's ``B`` on the global adapter's scale (no copy at 1)."""
+    ratio = update.scaling.get(layer, scaling) / scaling
+    return update.B[layer] if ratio == 1.0 else ratio * update.B[layer]
 
 
 class FRALoRA(LoRAMethod):
@@ -61,13 +70,16 @@ class FRALoRA(LoRAMethod):
         new_A, new_B, discarded = {}, {}, {}
         row_norm = init_row_norm() if plan.round == self.hand_over_round else None
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + plan.round * 10_007)
-        for layer in state.A:
-            s = scaling[layer]
-            As = [u.A[layer] for u in updates]
-            Bs = [u.scaling.get(layer, s) / s * u.B[layer] for u in updates]
-            new_A[layer], new_B[layer], discarded[layer] = aggregation.fra_with_error(
-                As, Bs, weights, rank=self.rank, a_row_norm=row_norm, generator=generator
-            )
+        layers = list(state.A)
+        As = [[u.A[layer] for u in updates] for layer in layers]
+        Bs = [[_relative_b(u, layer, scaling[layer]) for u in updates] for layer in layers]
+        # One call for all layers: layers of equal shape are decomposed as one batch, and
+        # padded rows are drawn from `generator` in the order of `layers`, as per layer.
+        results = fra_batched(
+            As, Bs, weights, rank=self.rank, a_row_norm=row_norm, generator=generator
+        )
+        for layer, (a, b, err) in zip(layers, results, strict=True):
+            new_A[layer], new_B[layer], discarded[layer] = a, b, err
         head = aggregate_head(state, updates, weights)
         magnitude = aggregate_magnitude(state, updates, weights)
         return Aggregate(
