@@ -275,9 +275,10 @@ def test_supernode_keeps_its_clients_b_on_disk_between_two_calls(
         reply = app._train(message(RoundPlan(t, "AB", True, "fedsa"), shared), context)
         update = codec.content_to_update(reply.content)
         assert update.A and update.B == {} and update.head == {}
-    saved = sorted(p.name for p in (state_dir / "client-0").iterdir())
+    node_dir = state_dir / cfg.run_name  # one folder per run under the node's state-dir
+    saved = sorted(p.name for p in (node_dir / "client-0").iterdir())
     assert saved == ["round-00001.safetensors", "round-00002.safetensors"]
-    round_1 = load_file(state_dir / "client-0" / "round-00001.safetensors")
+    round_1 = load_file(node_dir / "client-0" / "round-00001.safetensors")
     for layer in initial.B:
         assert torch.equal(starts[0].B[layer], initial.B[layer])
         assert not torch.equal(round_1[f"B/{layer}"], initial.B[layer])
@@ -288,7 +289,7 @@ def test_supernode_keeps_its_clients_b_on_disk_between_two_calls(
 
     reply = app._evaluate(message(None, initial), context)
     got = reply.content.metric_records["metrics"]
-    own = DiskClientStore(state_dir, initial, private=("B", "head", "magnitude")).get(0)
+    own = DiskClientStore(node_dir, initial, private=("B", "head", "magnitude")).get(0)
     fed.adapter.set_state(with_private(initial, own))
     expect = evaluate_split(fed.adapter.model, fed.encoded[0].eval, batch_size=64)["accuracy"]
     assert float(got["personal-accuracy"]) == pytest.approx(expect, abs=1e-12)

@@ -228,12 +228,15 @@ def node_store(
 def node_state_dir(
     node_config: Mapping[str, Any], *, output_dir: str, run_name: str | None
 ) -> Path:
-    """Where a SuperNode keeps its client's private part: the node config's ``state-dir``,
-    else ``<output_dir>/<run_name>/client-state`` as the node resolves it (the run's own
-    directory when server and nodes share a file system, as in ``flower-sim``), else (no
-    run name) a folder under the system's temporary directory."""
+    """Where a SuperNode keeps what its client holds between rounds: the node config's
+    ``state-dir`` (one folder per run under it, ``<state-dir>/<run_name>``, so that runs
+    sharing a node do not share state), else ``<output_dir>/<run_name>/client-state`` as
+    the node resolves it (the run's own directory when server and nodes share a file
+    system, as in ``flower-sim``), else (no run name) a folder under the system's
+    temporary directory."""
     if node_config.get(STATE_DIR_KEY):
-        return Path(str(node_config[STATE_DIR_KEY]))
+        base = Path(str(node_config[STATE_DIR_KEY]))
+        return base / run_name if run_name else base
     if run_name:
         return Path(output_dir) / run_name / "client-state"
     return Path(tempfile.gettempdir()) / "fedlora-client-state"
