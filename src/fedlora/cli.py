@@ -7,6 +7,9 @@
     fedlora report RUNS_DIR
     fedlora experiment linear [--out DIR]
     fedlora experiment upload
+    fedlora keys make OUT_DIR NAME [NAME ...]
+    fedlora keys register --superlink HOST:PORT --root-certificates CA PUBLIC_KEY [...]
+    fedlora keys list --superlink HOST:PORT --root-certificates CA
 
 Errors in the user's input print one line (``fedlora: error: ...``) and exit with status 2.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from fedlora import recipes
 from fedlora.config import load_config
@@ -78,7 +82,44 @@ def build_parser() -> argparse.ArgumentParser:
         help="upload: the transformer blocks with LoRA (e.g. 18-23, RoLoRA's P2 for SST-2); "
         "default all 24",
     )
+    _add_keys_parser(sub)
     return parser
+
+
+def _add_keys_parser(sub: Any) -> None:
+    """``fedlora keys``: SuperNode authentication (docs/deployment.md, "Node authentication")."""
+    p = sub.add_parser("keys", help="SuperNode key pairs and the SuperLink's list of nodes")
+    keys = p.add_subparsers(dest="keys_command", required=True)
+    make = keys.add_parser("make", help="one EC key pair per SuperNode: NAME.key, NAME.pub")
+    make.add_argument("out_dir", metavar="OUT_DIR")
+    make.add_argument("names", nargs="+", metavar="NAME")
+    for name, help_text in (
+        ("register", "put SuperNodes' public keys on the SuperLink's list"),
+        ("list", "the SuperNodes on the SuperLink's list, with their status"),
+    ):
+        q = keys.add_parser(name, help=help_text)
+        q.add_argument("--superlink", required=True, metavar="HOST:PORT")
+        q.add_argument("--root-certificates", required=True, metavar="CA")
+        if name == "register":
+            q.add_argument("public_keys", nargs="+", metavar="PUBLIC_KEY")
+
+
+def _keys(args: argparse.Namespace) -> None:
+    from fedlora.runtime.flower import keys
+
+    if args.keys_command == "make":
+        for private, public in keys.make_node_keys(args.out_dir, args.names):
+            print(f"{private} (stays on the SuperNode), {public} (register it)", flush=True)
+    elif args.keys_command == "register":
+        registered = keys.register_nodes(
+            args.public_keys, superlink=args.superlink, root_certificates=args.root_certificates
+        )
+        for key, node_id in registered.items():
+            print(f"{key}: node {node_id}", flush=True)
+    else:
+        nodes = keys.list_nodes(superlink=args.superlink, root_certificates=args.root_certificates)
+        for node in nodes:
+            print(f"node {node['node-id']}: {node['status']}", flush=True)
 
 
 def _blocks(text: str) -> list[int]:
@@ -103,6 +144,8 @@ def _other(args: argparse.Namespace) -> bool:
     if args.command == "sweep":
         path, overrides = _split_args(args.args)
         reproduce.sweep(path, overrides, reproduce.parse_grid(args.grid))
+    elif args.command == "keys":
+        _keys(args)
     elif args.command == "report":
         print(reproduce.write_report(args.runs_dir), flush=True)
     elif args.command == "experiment":

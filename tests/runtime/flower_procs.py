@@ -228,3 +228,84 @@ def run_bounded(
             f"{cmd[:2]} did not finish within {timeout:.0f}s:\n{out[-3000:]}"
         ) from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, None)
+
+
+def tls_args(certs: Path) -> tuple[list[str], list[str]]:
+    """The SuperLink's and a SuperNode's TLS flags for the certificates in ``certs``
+    (scripts/make_certs.sh's file names)."""
+    link = [
+        "--ssl-ca-certfile",
+        str(certs / "ca.crt"),
+        "--ssl-certfile",
+        str(certs / "server.pem"),
+        "--ssl-keyfile",
+        str(certs / "server.key"),
+    ]
+    return link, ["--root-certificates", str(certs / "ca.crt")]
+
+
+class AuthenticatedFederation(LocalFederation):
+    """A SuperLink with TLS and SuperNode authentication (``--enable-supernode-auth``: only
+    nodes whose public key is registered get in), and SuperNodes started one by one, each
+    with its own private key or none. Register the keys between :meth:`start_superlink`
+    and :meth:`start_node`. Node ``i`` is the ``i``-th started, as in LocalFederation."""
+
+    def __init__(self, workdir: Path, *, certs: Path) -> None:
+        super().__init__(workdir, num_nodes=0, certs=certs)
+        self.certs: Path = certs
+        self.node_names: list[str] = []
+
+    def start_superlink(self, timeout: float = 90.0) -> None:
+        link, _ = tls_args(self.certs)
+        self._start(
+            "superlink",
+            [
+                "flower-superlink",
+                *link,
+                "--enable-supernode-auth",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--disable-runtime-dependency-installation",
+            ],
+        )
+        self.wait_for_port(self.port, timeout)
+
+    def start_node(self, name: str, *, partition: int, private_key: Path | None) -> int:
+        """Start SuperNode ``name`` (log: ``name.log``) holding client ``partition``;
+        returns its index."""
+        _, node = tls_args(self.certs)
+        auth = [] if private_key is None else ["--auth-supernode-private-key", str(private_key)]
+        self.node_ports.append(free_port())
+        self.node_names.append(name)
+        self._start(
+            name,
+            [
+                "flower-supernode",
+                *node,
+                *auth,
+                "--superlink",
+                self.address,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.node_ports[-1]),
+                "--node-config",
+                f"partition-id={partition}",
+            ],
+        )
+        return len(self.node_names) - 1
+
+    def wait_node_exit(self, i: int, timeout: float) -> int:
+        """Wait for SuperNode ``i`` to exit on its own; its exit status."""
+        proc = self.procs[1 + i]
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None:
+            self.seen.update(_tree(proc.pid))  # its SuperExec, stopped later if it lingers
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"SuperNode {self.node_names[i]} still running after {timeout:.0f}s"
+                )
+            time.sleep(0.3)
+        return int(proc.returncode)
