@@ -177,6 +177,7 @@ class Config:
     warmup_ratio: float = 0.0
     lr_schedule_scope: str = "round"
     max_grad_norm: float | None = None
+    client_parallel: int = 1  # sampled clients trained together in lockstep (1: one by one)
     # Differential privacy (nested: dp.noise_multiplier=1.0, dp.target_epsilon=3, ...)
     dp: DPConfig = dataclasses.field(default_factory=DPConfig)
     # Evaluation and outputs
@@ -365,6 +366,37 @@ def _check_training_controls(cfg: Config) -> None:
                     else ""
                 )
                 raise FedLoraError(f"config key '{key}' is not supported with dp.*{hint}")
+    _check_client_parallel(cfg)
+
+
+def _check_client_parallel(cfg: Config) -> None:
+    """Clients in lockstep (fedlora.client.lockstep): what they cannot honour is refused here;
+    what one method or round cannot (ranks, step counts, SLoRA's sparse rounds) trains one
+    client after another at run time."""
+    if isinstance(cfg.client_parallel, bool) or not isinstance(cfg.client_parallel, int):
+        raise FedLoraError(
+            f"config key 'client_parallel' must be an integer >= 1, got {cfg.client_parallel!r}"
+        )
+    if cfg.client_parallel < 1:
+        raise FedLoraError(f"config key 'client_parallel' must be >= 1, got {cfg.client_parallel}")
+    if cfg.client_parallel == 1:
+        return
+    refusals = (
+        (cfg.runtime != "inprocess", f"runtime={cfg.runtime} (a ClientApp trains one client)"),
+        (cfg.dp.enabled, "dp.* (DP-SGD clips and noises each client's per-example gradients)"),
+        (
+            cfg.precision == "fp16",
+            "precision=fp16 (one loss scaler would skip every client's step)",
+        ),
+        (cfg.adapter != "lora", f"adapter={cfg.adapter} (DoRA's norm is per client)"),
+        (
+            cfg.quantization != "none",
+            f"quantization={cfg.quantization} (PEFT's bitsandbytes LoRA layers are not stacked)",
+        ),
+    )
+    for refused, what in refusals:
+        if refused:
+            raise FedLoraError(f"config key 'client_parallel' > 1 is not supported with {what}")
 
 
 def _check_method_options(cfg: Config) -> None:

@@ -22,6 +22,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from fedlora.client import LocalTraining, evaluate_split, train_client
+from fedlora.client.lockstep import train_in_lockstep
 from fedlora.client.state import ClientStore, evaluate_personal
 from fedlora.federation import Federation, Log, stderr_log
 from fedlora.messages import ClientUpdate
@@ -86,6 +87,21 @@ def _train_round(
     if method.keeps_optimizer:
         # one ordinary run: one optimizer and one learning-rate schedule for all its rounds
         settings = replace(settings, lr_schedule_scope="run")
+    if cfg.client_parallel > 1 and privacy is None and store is None and not method.keeps_optimizer:
+        # groups of client_parallel clients train in lockstep: one forward and backward pass
+        # per step, each client's own update (fedlora.client.lockstep)
+        updates = train_in_lockstep(
+            adapter=fed.adapter,
+            jobs=jobs,
+            plan=plan,
+            settings=settings,
+            seed=cfg.seed,
+            group_size=cfg.client_parallel,
+        )
+        for update in updates:
+            update.check_finite()
+        debug_kill("train", plan.round)
+        return updates
     updates = []
     for cid, state, data in jobs:
         train = train_client if privacy is None else privacy.trainer(cid)  # DP wraps the trainer
