@@ -517,8 +517,6 @@ def _check_task_options(cfg: Config) -> None:
     _choice(cfg, "task", TASKS)
     _choice(cfg, "base_dtype", BASE_DTYPES)
     if cfg.task == "causal-lm":
-        if cfg.runtime != "inprocess":
-            raise FedLoraError("task=causal-lm runs with runtime=inprocess only (for now)")
         if cfg.max_length < 2:
             raise FedLoraError(
                 f"config key 'max_length' must be >= 2 for causal-lm, got {cfg.max_length}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,7 +166,15 @@ def model_settings(cfg: Config) -> ModelSettings:
     )
 
 
-def build_federation(cfg: Config, *, log: Log = stderr_log) -> Federation:
+def build_federation(
+    cfg: Config, *, log: Log = stderr_log, encode_clients: Collection[int] | None = None
+) -> Federation:
+    """Data, partition, model and tokenised splits of a run.
+
+    ``encode_clients``: the clients whose splits are tokenised now (None: all). A Flower
+    SuperNode holds one client: it passes none and tokenises its own with
+    :meth:`Federation.encode` (the same tokenisation).
+    """
     torch.set_num_threads(cfg.threads)
     settings = model_settings(cfg)
     generative = cfg.task == "causal-lm" and is_causal_source(
@@ -239,7 +247,11 @@ def build_federation(cfg: Config, *, log: Log = stderr_log) -> Federation:
         encoded = encode_split(cfg, tokenizer, examples, verbalizer=verbalizer)
         return prefix.attach(encoded) if prefix is not None else encoded
 
-    encoded = {c.client_id: ClientSplits(train=enc(c.train), eval=enc(c.eval)) for c in clients}
+    encoded = {
+        c.client_id: ClientSplits(train=enc(c.train), eval=enc(c.eval))
+        for c in clients
+        if encode_clients is None or c.client_id in encode_clients
+    }
     initial = adapter.get_state()
     initial_base = {k: adapter.base_weight(k).detach().clone() for k in adapter.lora_layers}
     return Federation(

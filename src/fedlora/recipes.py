@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from fedlora.config import Config, config_from_dict, read_yaml
 from fedlora.errors import FedLoraError
 from fedlora.federation import Federation, Log, build_federation, stderr_log
-from fedlora.methods import LoRAMethod, build_method, with_method_defaults
-from fedlora.outputs import RunDir, best_row, plot_comparison, plot_run
+from fedlora.methods import build_method, with_method_defaults
+from fedlora.outputs import RunDir, plot_comparison
+from fedlora.outputs.summary import warn_one_phase, write_results
 from fedlora.runtime import run_federated
 from fedlora.runtime.checkpoint import load_checkpoint, truncate_metrics
 
@@ -21,82 +21,15 @@ def default_run_name(cfg: Config, kind: str) -> str:
     return f"{kind}-{cfg.dataset.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _summarise(
-    cfg: Config, fed: Federation, result: dict[str, Any], run_dir: RunDir
-) -> dict[str, Any]:
-    rows = result["rows"]
-    evaluated = [r for r in rows if r.get("accuracy") is not None]
-    best = best_row(rows)  # over the rounds after training started, never round 0
-    return {
-        "method": cfg.method,
-        "model": cfg.model,
-        "model_path": fed.model_path,
-        "dataset": fed.dataset.name,
-        "label_names": fed.dataset.label_names,
-        "num_clients": cfg.num_clients,
-        # Flower runs report the sizes the SuperNodes hold (their own data, if they have it).
-        "client_train_sizes": result.get("client_train_sizes")
-        or {c.client_id: len(c.train) for c in fed.clients},
-        "client_eval_sizes": {c.client_id: len(c.eval) for c in fed.clients},
-        "eval_size": len(fed.test),
-        "rounds": cfg.rounds,
-        "final_accuracy": evaluated[-1]["accuracy"],
-        "final_loss": evaluated[-1]["loss"],
-        # causal-lm: the global model's perplexity before training and at the end
-        **(
-            {
-                "base_perplexity": rows[0]["perplexity"],
-                "final_perplexity": evaluated[-1]["perplexity"],
-            }
-            if "perplexity" in rows[0]
-            else {}
-        ),
-        "best_accuracy": best["accuracy"],
-        "best_round": best["round"],
-        "total_upload_bytes": sum(r["upload_bytes"] for r in rows),
-        "total_download_bytes": sum(r["download_bytes"] for r in rows),
-        "adapter_bytes": result["state"].nbytes(),
-        "method_state": result["method_state"],
-        # Enough to recompute each client's epsilon with Opacus (docs/privacy.md).
-        **({"dp": result["privacy"]} if result.get("privacy") else {}),
-        "wall_time_s": result["wall_time_s"],
-        "adapter_dir": str(run_dir.adapter_dir),
-    }
-
-
-def warn_one_phase(cfg: Config, method: LoRAMethod, log: Log) -> None:
-    """One line when evaluation only ever sees one phase of a periodic method (RoLoRA with
-    an even ``eval_every`` is evaluated after ``A`` rounds only)."""
-    if method.period > 1 and cfg.eval_every % method.period == 0:
-        log(
-            f"warning: eval_every={cfg.eval_every} is a multiple of {method.label}'s period "
-            f"({method.period} rounds), so evaluation sees one phase only; use an "
-            f"eval_every that is not (eval_every=1 sees every round)"
-        )
-
-
-def run_method(
-    cfg: Config,
-    fed: Federation,
-    run_dir: RunDir,
-    *,
-    log: Log,
-    rounds: Callable[..., dict[str, Any]] = run_federated,
-) -> dict[str, Any]:
-    """One method on an already built federation; writes everything into ``run_dir``.
-
-    ``rounds`` runs the rounds (``run_federated``'s contract): the in-process loop, or the
-    Flower ServerApp's (:mod:`fedlora.runtime.flower.app`).
-    """
+def run_method(cfg: Config, fed: Federation, run_dir: RunDir, *, log: Log) -> dict[str, Any]:
+    """One method in-process on an already built federation; writes everything into
+    ``run_dir`` (the Flower ServerApp does the same around its rounds:
+    :func:`fedlora.runtime.flower.app.serve`)."""
     run_dir.write_config(cfg)
     method = build_method(cfg.method, cfg)
     warn_one_phase(cfg, method, log)
-    result = rounds(fed, method, run_dir, log=log)
-    summary = _summarise(cfg, fed, result, run_dir)
-    run_dir.write_summary(summary)
-    plot_run(result["rows"], run_dir.plots_dir, title=f"{cfg.method} on {fed.dataset.name}")
-    summary["rows"] = result["rows"]
-    return summary
+    result = run_federated(fed, method, run_dir, log=log)
+    return write_results(cfg, fed, result, run_dir)
 
 
 def run(cfg: Config, *, log: Log = stderr_log) -> dict[str, Any]:
@@ -126,9 +59,15 @@ def run(cfg: Config, *, log: Log = stderr_log) -> dict[str, Any]:
 
 
 def resume(path: str | Path, *, log: Log = stderr_log) -> dict[str, Any]:
-    """Continue the in-process run in ``path`` after its last checkpoint (``fedlora run
-    --resume``): the config is read back from ``config.yaml``, ``metrics.jsonl`` is cut back
-    to the checkpoint's round, and the rounds after it run as they would have."""
+    """Continue the run in ``path`` after its last checkpoint (``fedlora run --resume``):
+    the config is read back from ``config.yaml``, ``metrics.jsonl`` is cut back to the
+    checkpoint's round, and the rounds after it run as they would have.
+
+    In-process runs continue in this process; a ``runtime=flower-sim`` run continues in a
+    new simulation, a ``runtime=flower`` run as a new Flower run on its SuperLink whose
+    ServerApp starts from the checkpoint (the SuperNodes keep running throughout; see
+    :func:`fedlora.runtime.flower.run_on_flower`).
+    """
     run_dir = RunDir.reopen(path)
     summary_path = run_dir.path / "summary.json"
     if summary_path.is_file():
@@ -136,17 +75,21 @@ def resume(path: str | Path, *, log: Log = stderr_log) -> dict[str, Any]:
         return json.loads(summary_path.read_text())
     cfg = config_from_dict(read_yaml(run_dir.path / "config.yaml"))
     if cfg.runtime != "inprocess":
-        raise FedLoraError("--resume continues in-process runs only (runtime=inprocess)")
+        from fedlora.runtime.flower import run_on_flower  # Flower is imported only when used
+
+        if cfg.runtime == "flower-sim":  # the simulation's ServerApp runs here: this directory
+            cfg = cfg.replace(
+                output_dir=str(run_dir.path.resolve().parent), run_name=run_dir.path.name
+            )
+        return run_on_flower(cfg, log=log, resume=True)
     ckpt = load_checkpoint(run_dir.path)
     truncate_metrics(run_dir.metrics_path, None if ckpt is None else ckpt.round)
     fed = build_federation(cfg, log=log)
     method = build_method(cfg.method, cfg)
     result = run_federated(fed, method, run_dir, log=log, resume=ckpt)
-    summary = _summarise(cfg, fed, result, run_dir)
-    run_dir.write_summary(summary)
-    plot_run(result["rows"], run_dir.plots_dir, title=f"{cfg.method} on {fed.dataset.name}")
+    summary = write_results(cfg, fed, result, run_dir)
     log(f"done: final accuracy {summary['final_accuracy']:.4f} -> {run_dir.path}")
-    return summary | {"rows": result["rows"]}
+    return summary
 
 
 def comparison_table(summaries: dict[str, dict[str, Any]]) -> str:

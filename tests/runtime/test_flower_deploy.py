@@ -6,7 +6,9 @@ process is stopped by its id, and each step is bounded in time."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import socket
 import ssl
 import subprocess
@@ -16,6 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from flower_procs import LocalFederation, run_bounded
@@ -227,3 +230,93 @@ def test_deployment_with_tls_survives_a_vanishing_supernode(tiny_overrides, tmp_
     assert (run_dir / "summary.json").is_file()
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     print(f"killed {kill.killed}; round 2 written {kill.seconds_to_row:.0f}s after the kill")
+
+
+def serverapp_processes(fed: LocalFederation) -> list[psutil.Process]:
+    """The SuperLink's ServerApp processes (``flwr-serverapp``): the server of a run."""
+    found = []
+    for child in psutil.Process(fed.procs[0].pid).children(recursive=True):
+        try:
+            if any("flwr-serverapp" in arg for arg in child.cmdline()):
+                found.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def test_deployment_resumes_after_the_server_side_is_killed(tiny_overrides, tmp_path):
+    """Four rounds of RoLoRA on two SuperNodes. Once round 2's row is in metrics.jsonl, the
+    server side is SIGKILLed: the ``fedlora run runtime=flower`` process (and its ``flwr
+    log``) and the run's ServerApp process on the SuperLink, which holds the server's
+    state. ``fedlora run --resume RUN_DIR`` waits until the SuperLink has marked that run
+    failed (its heartbeats stopped), submits a new run whose ServerApp starts from the
+    checkpoint and finds the SuperNodes again; the SuperNodes run throughout. The run ends
+    with the adapter of the same run left alone (in-process: the uninterrupted deployment
+    equals it, test above) and with every round's row."""
+    args = [
+        *[o for o in overrides(tiny_overrides, tmp_path / "runs") if not o.startswith("rounds=")],
+        "rounds=4",
+        "eval_every=1",
+    ]
+    run_dir = tmp_path / "runs" / "killed"
+    fed = LocalFederation(tmp_path, num_nodes=2)
+    fedlora = str(Path(sys.executable).parent / "fedlora")
+    try:
+        fed.start()
+        launcher = subprocess.Popen(
+            [fedlora, "run", *args, "run_name=killed", "runtime=flower"]
+            + [f"superlink={fed.address}", "insecure=true"],
+            env=fed.env,
+            cwd=tmp_path,
+            stdout=(tmp_path / "launcher.log").open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while 2 not in [r["round"] for r in written_rows(run_dir)]:
+            assert launcher.poll() is None, (tmp_path / "launcher.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "round 2 was not written in time"
+            time.sleep(0.5)
+        servers = serverapp_processes(fed)
+        assert len(servers) == 1, servers
+        doomed = [launcher.pid, *(c.pid for c in psutil.Process(launcher.pid).children(True))]
+        for pid in [*doomed, servers[0].pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        launcher.wait(timeout=30)
+        assert launcher.returncode == -signal.SIGKILL  # killed, not finished
+        psutil.wait_procs([servers[0]], timeout=30)
+        assert not (run_dir / "summary.json").exists()
+        rows_at_kill = [r["round"] for r in written_rows(run_dir)]
+        assert max(rows_at_kill) < 4, rows_at_kill
+
+        resumed = run_bounded(
+            [fedlora, "run", "--resume", str(run_dir)],
+            env=fed.env,
+            timeout=RUN_TIMEOUT,
+            cwd=tmp_path,
+        )
+        fed.snapshot()
+        assert all(p.poll() is None for p in fed.procs[1:]), "a SuperNode stopped"
+    finally:
+        left = fed.stop()
+    assert not left, f"processes still alive after stop: {left}"
+    assert resumed.returncode == 0, resumed.stdout[-4000:]
+    assert "(resumed) started on SuperLink" in resumed.stdout, resumed.stdout[-4000:]
+    after = int(re.search(r"resuming after round (\d)/4", resumed.stdout).group(1))  # type: ignore[union-attr]
+    assert after >= 2 and f"round {after + 1}/4 trained" in resumed.stdout
+
+    rows = read_metrics(run_dir)
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
+    assert [r["trained"] for r in rows[1:]] == ["B", "A", "B", "A"]
+    assert not any("failures" in r for r in rows)
+    recipes.run(load_config(None, [*args, "run_name=inprocess"]), log=silent)
+    deployed = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    local = load_file(tmp_path / "runs" / "inprocess" / "adapter" / "adapter_model.safetensors")
+    assert deployed.keys() == local.keys()
+    for key in local:
+        torch.testing.assert_close(deployed[key], local[key], atol=1e-6, rtol=0)
+    local_rows = read_metrics(tmp_path / "runs" / "inprocess")
+    for r, loc in zip(rows, local_rows, strict=True):
+        assert r["accuracy"] == pytest.approx(loc["accuracy"], abs=1e-6)

@@ -201,3 +201,133 @@ def test_flower_sim_matches_inprocess_with_dora(tiny_overrides, tmp_path):
     assert [r["round"] for r in sim_rows] == [0, 1, 2]
     for s, loc in zip(sim_rows, local_rows, strict=True):
         assert_same(comparable(s), comparable(loc), where=f"dora round {loc['round']}")
+
+
+def test_flower_sim_dp_epsilons_are_the_clients_own_and_match_inprocess(tiny_overrides, tmp_path):
+    """DP-SGD on Flower: each virtual SuperNode keeps its client's accountant on disk and
+    reports its epsilon with every reply. With a budget that client 1 reaches after round
+    3 (dp.target_epsilon=8, 2 of 3 clients per round), the simulated runs (FedAvg-LoRA and
+    RoLoRA) sample the same clients as in-process, mark the same client out of budget,
+    report the same per-client epsilons in every row and end with the same adapter; the
+    epsilons equal Opacus' RDP accountant recomputed here from (sigma, q, steps)."""
+    from opacus.accountants import RDPAccountant
+
+    base = [
+        *[o for o in tiny_overrides if not o.startswith("rounds=")],
+        "rounds=4",
+        "client_fraction=0.67",
+        "dp.target_epsilon=8",
+        "runtime=flower-sim",
+    ]
+    methods = ("fedavg", "rolora")
+    cfgs = [
+        load_config(None, [*base, f"method={m}", f"output_dir={tmp_path}/sim", f"run_name={m}"])
+        for m in methods
+    ]
+    simulate(cfgs)
+    for m, cfg in zip(methods, cfgs, strict=True):
+        recipes.run(
+            cfg.replace(runtime="inprocess", output_dir=f"{tmp_path}/inprocess"), log=silent
+        )
+        sim_dir, local_dir = tmp_path / "sim" / m, tmp_path / "inprocess" / m
+        assert_tensors_close(adapter(sim_dir), adapter(local_dir))
+        sim_rows, local_rows = read_metrics(sim_dir), read_metrics(local_dir)
+        assert [r["round"] for r in sim_rows] == [0, 1, 2, 3, 4]
+        for s, loc in zip(sim_rows, local_rows, strict=True):
+            assert_same(comparable(s), comparable(loc), where=f"{m} round {loc['round']}")
+        # the budget bites: client 1 is out after round 3 and is not sampled in round 4
+        assert sim_rows[3]["dp_exhausted"] == [1] and 1 not in sim_rows[4]["clients"]
+        assert not any("failures" in r for r in sim_rows)
+
+        dp = json.loads((sim_dir / "summary.json").read_text())["dp"]
+        local_dp = json.loads((local_dir / "summary.json").read_text())["dp"]
+        for key in ("noise_multiplier", "sample_rate", "steps", "epsilon", "exhausted"):
+            assert_same(dp[key], local_dp[key], where=f"{m} summary dp.{key}")
+        for cid, eps in dp["epsilon"].items():
+            reference = RDPAccountant()
+            reference.history = [(dp["noise_multiplier"], dp["sample_rate"][cid], dp["steps"][cid])]
+            assert eps == pytest.approx(reference.get_epsilon(delta=dp["delta"]), rel=1e-9)
+            assert eps <= 8.0
+            # the account lives with the client, on its node's disk
+            saved = json.loads(
+                (sim_dir / "client-state" / f"client-{cid}" / "privacy.json").read_text()
+            )
+            assert sum(int(n) for _, _, n in saved["history"]) == dp["steps"][cid]
+
+
+def test_flower_sim_resumes_after_sigkill_with_the_nodes_accounts(tiny_overrides, tmp_path):
+    """``fedlora run runtime=flower-sim`` (RoLoRA with DP-SGD, 4 rounds) SIGKILLs itself
+    after round 2's row and before its checkpoint (``FEDLORA_DEBUG_KILL=metrics:2``): its
+    virtual SuperNodes had trained round 2 and counted it in their accountants on disk,
+    and Ray goes with the process. ``fedlora run --resume`` runs a new simulation from
+    round 1's checkpoint; the nodes repeat round 2 with bit-identical releases, which cost
+    no more privacy. Adapter, rows and epsilons equal the uninterrupted in-process run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = [
+        *[o for o in tiny_overrides if not o.startswith(("rounds=", "run_name="))],
+        "rounds=4",
+        "method=rolora",
+        "dp.noise_multiplier=1.0",
+        "progress=true",
+    ]
+    run_dir = tmp_path / "runs" / "k"
+
+    def fedlora(*extra: str, env: dict | None = None) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "fedlora", "run", *extra],
+            env={**os.environ, **(env or {})},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    killed = fedlora(
+        *args, "runtime=flower-sim", "run_name=k", env={"FEDLORA_DEBUG_KILL": "metrics:2"}
+    )
+    family: set[int] = set()  # every process of the run, Ray's included
+    deadline = time.monotonic() + 600
+    while killed.poll() is None:
+        try:
+            family.update(c.pid for c in psutil.Process(killed.pid).children(recursive=True))
+        except psutil.NoSuchProcess:
+            pass
+        assert time.monotonic() < deadline, "the run did not reach its kill point"
+        time.sleep(0.5)
+    out = killed.stdout.read() if killed.stdout else ""
+    assert killed.returncode == -signal.SIGKILL, out[-3000:]
+    # Ray's own processes share the driver's fate (its per-node agents can take longer
+    # than the test waits on a loaded machine: those are killed here, by pid)
+    procs = []
+    for pid in family:
+        try:
+            procs.append((psutil.Process(pid), psutil.Process(pid).name()))
+        except psutil.NoSuchProcess:
+            pass
+    _, still = psutil.wait_procs([p for p, _ in procs], timeout=60)
+    left = [name for p, name in procs if p in still]
+    for p in still:
+        p.kill()
+    agents = ("ray::DashboardA", "ray::RuntimeEnv")  # process names are cut at 15 characters
+    assert all(name.startswith(agents) for name in left), f"the killed run left {left}"
+    assert [r["round"] for r in read_metrics(run_dir)] == [0, 1, 2]  # the kill round's row
+    assert json.loads((run_dir / "checkpoint" / "checkpoint.json").read_text())["round"] == 1
+
+    resumed = fedlora("--resume", str(run_dir))
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out[-3000:]
+    assert "resuming after round 1/4" in out, out[-3000:]
+
+    recipes.run(load_config(None, [*args, "run_name=ref", "progress=false"]), log=silent)
+    reference = tmp_path / "runs" / "ref"
+    assert_tensors_close(adapter(run_dir), adapter(reference))
+    rows, local_rows = read_metrics(run_dir), read_metrics(reference)
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
+    for s, loc in zip(rows, local_rows, strict=True):
+        assert_same(comparable(s), comparable(loc), where=f"round {loc['round']}")
+    dp = json.loads((run_dir / "summary.json").read_text())["dp"]
+    assert dp["steps"] == {str(c): 4 * 2 for c in range(3)}  # round 2 counted once

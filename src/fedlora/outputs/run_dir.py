@@ -59,10 +59,10 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 
 def _holds_results(path: Path) -> bool:
     """Anything but what a run that stopped before its first metrics row leaves behind
-    (its ``config.yaml`` and an empty ``metrics.jsonl``: e.g. a bad data file), which a
-    rerun under the same name may replace."""
+    (its ``config.yaml``, an empty ``metrics.jsonl`` and, deployed on Flower, the id of its
+    Flower run: e.g. a bad data file), which a rerun under the same name may replace."""
     entries = {p.name for p in path.iterdir()}
-    if not entries <= {"config.yaml", "metrics.jsonl"}:
+    if not entries <= {"config.yaml", "metrics.jsonl", "flower-run.json"}:
         return True
     metrics = path / "metrics.jsonl"
     return metrics.is_file() and metrics.stat().st_size > 0

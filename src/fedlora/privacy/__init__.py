@@ -2,7 +2,10 @@
 
 DP wraps the client trainer instead of changing any method: :meth:`FederatedPrivacy.trainer`
 gives the runtime a drop-in for :func:`~fedlora.client.train_client`, and each client's
-accountant lives in :class:`ClientPrivacy` for the whole run. See ``docs/privacy.md``.
+accountant lives in :class:`ClientPrivacy` for the whole run. On Flower each client keeps
+its own accountant on its SuperNode (:class:`NodeAccount`) and the server reads what the
+clients report (:class:`ReportedPrivacy`, :mod:`fedlora.privacy.remote`). See
+``docs/privacy.md``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from fedlora.privacy.accounting import (
     noise_for_target,
 )
 from fedlora.privacy.dp_sgd import poisson_batches, train_client_dp
+from fedlora.privacy.remote import BudgetSpent, NodeAccount, ReportedPrivacy
 
 if TYPE_CHECKING:
     from fedlora.federation import Federation
@@ -53,13 +57,16 @@ def plan_for_federation(fed: Federation, *, pools_clients: bool) -> FederatedPri
 
 
 __all__ = [
+    "BudgetSpent",
     "ClientPrivacy",
     "FederatedPrivacy",
     "check_target_reachable",
     "epsilon_of",
     "make_accountant",
+    "NodeAccount",
     "noise_for_target",
     "plan_for_federation",
     "poisson_batches",
+    "ReportedPrivacy",
     "train_client_dp",
 ]

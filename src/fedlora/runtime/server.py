@@ -39,7 +39,7 @@ from fedlora.runtime.checkpoint import Checkpoint, capture, debug_kill, restore,
 from fedlora.runtime.rows import eval_due, progress_line, round_row, start_row
 
 if TYPE_CHECKING:
-    from fedlora.privacy import FederatedPrivacy
+    from fedlora.privacy import FederatedPrivacy, ReportedPrivacy
 
 
 def sample_clients(client_ids: Sequence[int], fraction: float, rng: random.Random) -> list[int]:
@@ -69,8 +69,9 @@ class RoundStart:
 class Server:
     """One federated run's server: ``begin_round`` / ``finish_round`` / ``end_round``.
 
-    ``privacy``: the clients' DP accountants when this process keeps them (in-process);
-    a sampled pool then leaves out clients whose budget is spent. ``resume``: continue
+    ``privacy``: the clients' DP accountants when this process keeps them (in-process),
+    or what remote clients report of their own (Flower: ``ReportedPrivacy``); a sampled
+    pool then leaves out clients whose budget is spent. ``resume``: continue
     after a checkpoint's round, ``metrics.jsonl`` already cut back to it.
     """
 
@@ -81,7 +82,7 @@ class Server:
         method: LoRAMethod,
         run_dir: RunDir,
         log: Log,
-        privacy: FederatedPrivacy | None = None,
+        privacy: FederatedPrivacy | ReportedPrivacy | None = None,
         resume: Checkpoint | None = None,
     ) -> None:
         self.fed = fed

@@ -19,15 +19,21 @@ from fedlora.config import Config  # noqa: E402
 from fedlora.federation import Log, stderr_log  # noqa: E402
 
 
-def run_on_flower(cfg: Config, *, log: Log = stderr_log) -> dict[str, Any]:
-    """Run ``cfg`` on Flower (``cfg.runtime`` is ``flower-sim`` or ``flower``); the summary."""
+def run_on_flower(cfg: Config, *, log: Log = stderr_log, resume: bool = False) -> dict[str, Any]:
+    """Run ``cfg`` on Flower (``cfg.runtime`` is ``flower-sim`` or ``flower``); the summary.
+
+    ``resume`` (``fedlora run --resume``): continue the run directory
+    ``output_dir/run_name`` after its last checkpoint, in a new simulation
+    (``flower-sim``) or as a new Flower run on the SuperLink (``flower``; a run whose
+    ServerApp is still running there is followed instead of started twice).
+    """
     if cfg.runtime == "flower-sim":
         from fedlora.runtime.flower.sim import run_simulation
 
-        return run_simulation(cfg, log=log)
+        return run_simulation(cfg, log=log, resume=resume)
     from fedlora.runtime.flower.deploy import launch
 
-    return launch(cfg, log=log)
+    return launch(cfg, log=log, resume=resume)
 
 
 __all__ = ["run_on_flower"]

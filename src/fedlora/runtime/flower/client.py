@@ -3,16 +3,19 @@
 A SuperNode is one client, ``partition-id`` in its node config (Flower's simulation engine
 sets it). Its data is either
 
-- its own labelled file, ``data-path`` in the node config (an organisation's local data:
-  ``.csv``/``.tsv``/``.jsonl`` or a directory, read like ``dataset``), split into train
-  and eval with ``eval_fraction``; its labels are mapped to the run's label names; or
+- its own file, ``data-path`` in the node config (an organisation's local data: labelled
+  ``.csv``/``.tsv``/``.jsonl`` or a directory, read like ``dataset``; for ``task=causal-lm``
+  also instruction JSONL or plain text, read like a causal ``dataset``), split into train
+  and eval with ``eval_fraction``; class labels are mapped to the run's label names; or
 - partition ``partition-id`` of the run's ``dataset``, rebuilt deterministically from the
-  config (the same data, partition and tokenisation as the in-process runtime).
+  config by the in-process runtime's own setup (:func:`fedlora.federation.build_federation`:
+  the same data, partition, model and tokenisation), of which the node tokenises only its
+  own partition.
 
-The model is built from the same seed as the server's, so both start from the same
-weights. Building is cached per process: Flower's simulation engine reuses its Ray actors
-across rounds and clients, while a deployed SuperNode starts a fresh ClientApp process
-per message.
+The model (a classifier, or a causal LM for ``task=causal-lm``) is built from the same seed
+as the server's, so both start from the same weights. Building is cached per process:
+Flower's simulation engine reuses its Ray actors across rounds and clients, while a
+deployed SuperNode starts a fresh ClientApp process per message.
 """
 
 from __future__ import annotations
@@ -25,17 +28,21 @@ from typing import Any
 import torch
 
 from fedlora.config import Config
-from fedlora.data import Encoded, TextExamples, encode, load_text_dataset
+from fedlora.data import Encoded, TextDataset, TextExamples, load_text_dataset
+from fedlora.data.causal import is_causal_source, load_causal_dataset
 from fedlora.errors import FedLoraError
 from fedlora.federation import (
+    ClientSplits,
     Federation,
     build_federation,
+    encode_split,
     lora_settings,
     model_settings,
     silent,
 )
 from fedlora.messages import AdapterState
 from fedlora.models import PeftAdapter, load_classifier
+from fedlora.models.causal_lm import load_causal_lm
 from fedlora.models.prefix import plan_prefix_cache
 
 
@@ -97,19 +104,25 @@ def local_client(
         return _OWN_DATA[key]
     if config_text not in _PARTITIONED:
         _PARTITIONED.clear()
-        fed = build_federation(cfg, log=silent)
+        fed = build_federation(cfg, log=silent, encode_clients=())  # each its own, below
         _PARTITIONED[config_text] = (
             fed,
             LocalModel(fed.adapter, fed.initial_base, initial_state=fed.initial_state),
         )
     fed, model = _PARTITIONED[config_text]
-    if client_id not in fed.encoded:
+    held = {c.client_id: c for c in fed.clients}
+    if client_id not in held:
         raise FedLoraError(
             f"partition-id {client_id} is not a client of this run (num_clients={cfg.num_clients})"
         )
     if list(fed.dataset.label_names) != list(label_names):
         raise FedLoraError(
             "this SuperNode's copy of the data set has other labels than the server's"
+        )
+    if client_id not in fed.encoded:  # a simulation actor may serve several clients
+        own = held[client_id]
+        fed.encoded[client_id] = ClientSplits(
+            train=fed.encode(own.train), eval=fed.encode(own.eval)
         )
     splits = fed.encoded[client_id]
     return LocalClient(client_id, model, splits.train, splits.eval)
@@ -137,35 +150,54 @@ def _relabel(
 
 
 def _own_data_client(cfg: Config, path: Path, client_id: int, names: list[str]) -> LocalClient:
+    """A client of its own file: data split with ``eval_fraction``, the model and the
+    tokenisation of ``cfg.task`` (as :func:`~fedlora.federation.build_federation` builds
+    them)."""
     if not path.exists():
         raise FedLoraError(f"data-path {path} of this SuperNode does not exist")
     if cfg.eval_fraction <= 0:
         raise FedLoraError("a SuperNode with its own data-path needs eval_fraction > 0")
     torch.set_num_threads(cfg.threads)
-    data = load_text_dataset(
-        name=str(path),
-        seed=cfg.seed,
-        test_fraction=cfg.eval_fraction,
-        text_column=cfg.text_column,
-        text_pair_column=cfg.text_pair_column,
-        label_column=cfg.label_column,
-        encoding=cfg.encoding,
-    )
-    train = _relabel(data.train, data.label_names, names, path)
-    held_out = _relabel(data.test, data.label_names, names, path)
-    model, tokenizer, _ = load_classifier(
-        cfg.model,
-        num_labels=len(names),
-        lora=lora_settings(cfg),
-        seed=cfg.seed,
-        settings=model_settings(cfg),
-    )
+    generative = cfg.task == "causal-lm" and is_causal_source(str(path), encoding=cfg.encoding)
+    data: TextDataset
+    if generative:
+        data = load_causal_dataset(
+            str(path), seed=cfg.seed, test_fraction=cfg.eval_fraction, encoding=cfg.encoding
+        )
+        train, held_out = data.train, data.test
+    else:
+        data = load_text_dataset(
+            name=str(path),
+            seed=cfg.seed,
+            test_fraction=cfg.eval_fraction,
+            text_column=cfg.text_column,
+            text_pair_column=cfg.text_pair_column,
+            label_column=cfg.label_column,
+            encoding=cfg.encoding,
+        )
+        train = _relabel(data.train, data.label_names, names, path)
+        held_out = _relabel(data.test, data.label_names, names, path)
+    settings = model_settings(cfg)
+    if cfg.task == "causal-lm":
+        model, tokenizer, _ = load_causal_lm(
+            cfg.model, lora=lora_settings(cfg), seed=cfg.seed, mlp=cfg.lora_mlp, settings=settings
+        )
+    else:
+        model, tokenizer, _ = load_classifier(
+            cfg.model,
+            num_labels=len(names),
+            lora=lora_settings(cfg),
+            seed=cfg.seed,
+            settings=settings,
+        )
+    # classification data on a decoder: a word per label, the run's (as build_federation)
+    verbalizer = None if generative or cfg.task != "causal-lm" else list(cfg.verbalizer or names)
     adapter = PeftAdapter(model, client_alpha=cfg.client_alpha)
     initial = {k: adapter.base_weight(k).detach().clone() for k in adapter.lora_layers}
     prefix = plan_prefix_cache(adapter, mode=cfg.prefix_cache, log=silent)  # as build_federation
 
     def enc(examples: TextExamples) -> Encoded:
-        encoded = encode(tokenizer, examples, max_length=cfg.max_length)
+        encoded = encode_split(cfg, tokenizer, examples, verbalizer=verbalizer)
         return prefix.attach(encoded) if prefix is not None else encoded
 
     return LocalClient(

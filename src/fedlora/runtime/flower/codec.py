@@ -97,6 +97,8 @@ class Instruction:
     state: AdapterState
     base_delta: dict[str, torch.Tensor]
     plan: RoundPlan | None  # None: evaluate
+    # DP-SGD: the noise every client trains with (the server picks it for dp.target_epsilon)
+    noise_multiplier: float | None = None
 
 
 def instruction_to_content(ins: Instruction) -> RecordDict:
@@ -105,6 +107,8 @@ def instruction_to_content(ins: Instruction) -> RecordDict:
         fields |= {
             f"plan.{f.name}": getattr(ins.plan, f.name) for f in dataclasses.fields(ins.plan)
         }
+    if ins.noise_multiplier is not None:
+        fields["dp.noise-multiplier"] = float(ins.noise_multiplier)
     content = RecordDict({"adapter": state_to_record(ins.state), "fedlora": ConfigRecord(fields)})
     if ins.base_delta:
         content["base_delta"] = tensors_to_record(ins.base_delta)
@@ -117,12 +121,14 @@ def content_to_instruction(content: RecordDict) -> Instruction:
         k.removeprefix("plan."): v for k, v in fields.items() if k.startswith("plan.")
     }
     delta = content.array_records.get("base_delta")
+    noise = fields.get("dp.noise-multiplier")
     return Instruction(
         config=str(fields["config"]),
         label_names=[str(n) for n in fields["label-names"]],  # type: ignore[union-attr]
         state=record_to_state(content.array_records["adapter"]),
         base_delta=record_to_tensors(delta) if delta is not None else {},
         plan=RoundPlan(**plan_fields) if plan_fields else None,
+        noise_multiplier=None if noise is None else float(noise),  # type: ignore[arg-type]
     )
 
 

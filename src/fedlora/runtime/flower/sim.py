@@ -5,11 +5,17 @@
 the ServerApp runs in a thread of this process. Nothing is downloaded (telemetry and
 dependency installation are off, see :mod:`fedlora.runtime.flower`) and no SuperLink
 process is started: Ray is shut down when the run ends.
+
+``output_dir`` is made absolute here: the virtual SuperNodes resolve the run directory
+(where, by default, each keeps its client's state: its DP accountant) as the server does.
+A resumed simulation (``fedlora run --resume``) is a new simulation whose ServerApp starts
+from the run directory's checkpoint, its SuperNodes from their state on disk.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from flwr.app import Context
@@ -36,17 +42,21 @@ def backend_config(cfg: Config) -> dict[str, Any]:
     }
 
 
-def run_simulation(cfg: Config, *, log: Log = stderr_log) -> dict[str, Any]:
-    """Run ``cfg`` in the simulation engine and return the run's summary."""
-    return run_simulations([cfg], log=log)[0]
+def run_simulation(cfg: Config, *, log: Log = stderr_log, resume: bool = False) -> dict[str, Any]:
+    """Run ``cfg`` in the simulation engine and return the run's summary; ``resume``:
+    continue its run directory after the last checkpoint."""
+    return run_simulations([cfg], log=log, resume=resume)[0]
 
 
-def run_simulations(cfgs: Sequence[Config], *, log: Log = stderr_log) -> list[dict[str, Any]]:
+def run_simulations(
+    cfgs: Sequence[Config], *, log: Log = stderr_log, resume: bool = False
+) -> list[dict[str, Any]]:
     """Several runs one after the other on one simulated federation (one Ray start).
 
     The configs must agree on ``num_clients`` and ``sim_actors``; a run that fails stops
     the rest (the run directories of the finished runs are complete on disk).
     """
+    cfgs = [c.replace(output_dir=str(Path(c.output_dir).resolve())) for c in cfgs]
     first = cfgs[0]
     if any((c.num_clients, c.sim_actors) != (first.num_clients, first.sim_actors) for c in cfgs):
         raise FedLoraError("runs in one simulation must agree on num_clients and sim_actors")
@@ -56,7 +66,7 @@ def run_simulations(cfgs: Sequence[Config], *, log: Log = stderr_log) -> list[di
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
         for cfg in cfgs:
-            summaries.append(serve(grid, cfg, log=log))
+            summaries.append(serve(grid, cfg, log=log, resume=resume))
 
     flower_run_simulation(
         server_app=server_app,

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
@@ -37,6 +37,9 @@ from fedlora.runtime.flower import codec
 from fedlora.runtime.rows import personal_row
 from fedlora.runtime.server import RoundStart, Server
 
+if TYPE_CHECKING:
+    from fedlora.privacy import ReportedPrivacy
+
 # What a SuperNode's evaluation reply may carry, per client.
 EVAL_METRICS = ("accuracy", "loss", "perplexity")
 
@@ -45,8 +48,10 @@ class FedLoRAStrategy(Strategy):
     """Flower's ``Strategy`` over a fedlora :class:`~fedlora.runtime.server.Server`: it only
     turns the server's decisions into messages and the replies back."""
 
-    def __init__(self, *, server: Server) -> None:
+    def __init__(self, *, server: Server, privacy: ReportedPrivacy | None = None) -> None:
         self.server = server
+        # DP-SGD: the server's privacy object, which the clients' replies report to
+        self.privacy = privacy
         self.fed: Federation = server.fed  # the server's model and global eval set
         self.cfg: Config = server.cfg
         self.log: Log = server.log
@@ -121,6 +126,7 @@ class FedLoRAStrategy(Strategy):
             state=state,
             base_delta=self.server.base_total,
             plan=plan,
+            noise_multiplier=None if self.privacy is None else self.privacy.noise_multiplier,
         )
 
     def _fail(self, client: int | None, stage: str, error: str) -> None:
@@ -174,6 +180,8 @@ class FedLoRAStrategy(Strategy):
                 self._fail(cid, "train", str(exc))
                 continue
             updates.append(update)
+            if self.privacy is not None:  # the client's own account, with its reply
+                self.privacy.report(update.client_id, reply.content.metric_records["metrics"])
             self.server.train_sizes[update.client_id] = update.num_examples
         for cid in start.clients:
             if cid in self.nodes and cid not in answered:
@@ -239,6 +247,8 @@ class FedLoRAStrategy(Strategy):
                 )
             self.server.train_sizes.setdefault(cid, int(metrics["num-train-examples"]))  # type: ignore[arg-type]
             per_client[cid] = {k: float(metrics[k]) for k in EVAL_METRICS if k in metrics}  # type: ignore[arg-type]
+            if self.privacy is not None:
+                self.privacy.report(cid, metrics)
             sizes[cid] = int(metrics["num-examples"])  # type: ignore[arg-type]
             if "personal-accuracy" in metrics:
                 personal[cid] = {"accuracy": float(metrics["personal-accuracy"])}  # type: ignore[arg-type]
