@@ -278,13 +278,13 @@ def _check_values(cfg: Config) -> None:
         )
     if cfg.target_modules is not None and not cfg.target_modules:
         raise FedLoraError("config key 'target_modules' must not be an empty list")
-    if cfg.dp.enabled and (cfg.runtime != "inprocess" or cfg.task != "classification"):
+    if cfg.dp.enabled and cfg.task != "classification":
         # Refused rather than ignored: a run must never look private when it is not. The
         # causal-LM loss averages over the batch's tokens, so an example's gradient would
         # depend on the other examples' lengths and the clipping bound would not hold.
         raise FedLoraError(
-            "dp.* (DP-SGD) runs with runtime=inprocess and task=classification only "
-            f"(got runtime={cfg.runtime}, task={cfg.task})"
+            "dp.* (DP-SGD) runs with task=classification only: a causal-LM loss averages "
+            f"over the batch's tokens, so per-example clipping would not bound an example (got task={cfg.task})"
         )
 
 
