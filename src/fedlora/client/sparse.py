@@ -37,6 +37,7 @@ from fedlora.client.train import (
     client_seed,
     make_optimizer,
     make_scheduler,
+    optimizer_step,
 )
 from fedlora.data import Encoded
 from fedlora.messages import AdapterState, ClientUpdate, RoundPlan
@@ -150,17 +151,9 @@ def train_sparse(
                     else torch.zeros_like(m.values)
                 )
                 m.weight.grad = None
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if settings.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(
+                optimizer, scheduler, scaler, params, max_grad_norm=settings.max_grad_norm
+            )
             for m in masked.values():
                 m.write(m.values.detach())
         sparse = {layer: m.values.detach().clone() for layer, m in masked.items()}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -148,6 +149,29 @@ def batch_indices(
     return batches
 
 
+def optimizer_step(
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Any | None,
+    params: Sequence[torch.Tensor],
+    *,
+    max_grad_norm: float | None,
+) -> None:
+    """One optimizer step from the accumulated gradients: unscale (fp16), clip, step, and
+    advance the learning-rate schedule."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def train_client(
     *,
     adapter: PeftAdapter,
@@ -205,17 +229,7 @@ def train_client(
         losses.append(loss.item())
         if (i + 1) % accum:
             continue
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        if settings.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(optimizer, scheduler, scaler, params, max_grad_norm=settings.max_grad_norm)
     model.eval()
     if optimizer_state is not None:
         optimizer_state.clear()
