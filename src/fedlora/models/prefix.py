@@ -29,9 +29,11 @@ block's position in it (Qwen2 indexes per-layer attention types by position: not
 
 Storage. A split's states are one ragged tensor of its real tokens (right padding is not
 stored: ``sum of lengths x hidden``), in the dtype the prefix produces (the base dtype),
-on the model's device while the run's states fit in half of the memory free there when the
-cache is planned, else in a memory-mapped file in a temporary directory (removed when the
-run's model goes). The log says which, and when a split spills.
+reserved for the whole split at its first use: on the model's device while the run's
+states fit in half of the memory free there when the cache is planned, else in a
+memory-mapped file in a temporary directory (removed with the :class:`FrozenPrefix`). The
+log says which, and when a split spills. Held states are dropped when a weight below block
+``L0`` changes in place (torch's version counters are compared before each use).
 """
 
 from __future__ import annotations
