@@ -145,9 +145,6 @@ def test_federation_reports_what_an_evaluation_covers(tiny_overrides):
     assert all(len(s.eval) == 0 for s in off.encoded.values())
 
 
-@pytest.mark.xfail(
-    strict=True, reason="the runtime adds Federation.eval_counts() to each evaluated row (lead)"
-)
 def test_rows_say_what_was_evaluated_on_how_many_examples(tiny_overrides, tmp_path: Path):
     from fedlora.cli import main
 

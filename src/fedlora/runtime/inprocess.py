@@ -49,7 +49,9 @@ def evaluate_global(fed: Federation, store: ClientStore | None = None) -> dict[s
     per_client = {
         cid: evaluate_split(fed.adapter.model, splits.eval, batch_size=size, precision=precision)
         for cid, splits in fed.encoded.items()
+        if len(splits.eval)  # max_client_eval_examples=0: clients are not evaluated
     }
+    row |= fed.eval_counts()
     row["client_accuracy"] = {cid: m["accuracy"] for cid, m in per_client.items()}
     if "perplexity" in row:
         row["client_perplexity"] = {cid: m["perplexity"] for cid, m in per_client.items()}

@@ -226,6 +226,7 @@ class FedLoRAStrategy(Strategy):
         if not self.server.eval_due(server_round):
             return None
         per_client: dict[int, dict[str, float]] = {}
+        counts: dict[int, int] = {}  # what each client evaluated on
         personal: dict[int, dict[str, float]] = {}  # stateful clients' own models
         sizes: dict[int, int] = {}
         seen: dict[int, int] = {}  # client id -> SuperNode id, from this round's replies
@@ -246,7 +247,9 @@ class FedLoRAStrategy(Strategy):
                     f"two SuperNodes hold client (partition-id) {cid}: give each its own partition-id"
                 )
             self.server.train_sizes.setdefault(cid, int(metrics["num-train-examples"]))  # type: ignore[arg-type]
-            per_client[cid] = {k: float(metrics[k]) for k in EVAL_METRICS if k in metrics}  # type: ignore[arg-type]
+            if int(metrics["num-examples"]):  # type: ignore[arg-type]
+                per_client[cid] = {k: float(metrics[k]) for k in EVAL_METRICS if k in metrics}  # type: ignore[arg-type]
+                counts[cid] = int(metrics["num-examples"])  # type: ignore[arg-type]
             if self.privacy is not None:
                 self.privacy.report(cid, metrics)
             sizes[cid] = int(metrics["num-examples"])  # type: ignore[arg-type]
@@ -254,6 +257,8 @@ class FedLoRAStrategy(Strategy):
                 personal[cid] = {"accuracy": float(metrics["personal-accuracy"])}  # type: ignore[arg-type]
         self.nodes.update(seen)
         clients = dict(sorted(per_client.items()))
+        self.row["eval_examples"] = len(self.fed.test)
+        self.row["client_eval_examples"] = dict(sorted(counts.items()))
         self.row["client_accuracy"] = {c: m["accuracy"] for c, m in clients.items()}
         if any("perplexity" in m for m in clients.values()):
             self.row["client_perplexity"] = {c: m["perplexity"] for c, m in clients.items()}
