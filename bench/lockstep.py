@@ -34,7 +34,8 @@ def main() -> None:
     from fedlora.client import LocalTraining, train_client
     from fedlora.client.lockstep import train_clients_lockstep
     from fedlora.config import load_config
-    from fedlora.federation import build_federation, silent
+    from fedlora.federation import build_federation
+    from fedlora.log import silent
     from fedlora.methods import build_method
 
     torch.set_num_threads(1 if args.device == "cpu" else 4)

@@ -28,7 +28,8 @@ import torch
 
 from fedlora.client.train import batch_indices, client_seed
 from fedlora.config import load_config
-from fedlora.federation import build_federation, silent
+from fedlora.federation import build_federation
+from fedlora.log import silent
 from fedlora.methods import build_method
 from fedlora.outputs import RunDir
 from fedlora.runtime import inprocess, run_federated

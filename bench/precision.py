@@ -41,7 +41,8 @@ def measure(variant: str, *, device: str, steps: int, warmup: int, batch: int, l
 
     from fedlora.client import LocalTraining, train_client
     from fedlora.config import load_config
-    from fedlora.federation import build_federation, silent
+    from fedlora.federation import build_federation
+    from fedlora.log import silent
     from fedlora.methods import build_method
 
     model, form = variant.split(":")

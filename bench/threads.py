@@ -16,7 +16,8 @@ import time
 import torch
 
 from fedlora.config import load_config
-from fedlora.federation import build_federation, silent
+from fedlora.federation import build_federation
+from fedlora.log import silent
 
 
 def main() -> None:

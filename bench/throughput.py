@@ -47,7 +47,8 @@ from fedlora.client.evaluate import eval_batches
 from fedlora.client.evaluate import evaluate as evaluate_new
 from fedlora.config import load_config
 from fedlora.data import Encoded
-from fedlora.federation import Federation, build_federation, silent
+from fedlora.federation import Federation, build_federation
+from fedlora.log import silent
 from fedlora.messages import RoundPlan
 from fedlora.models.device import model_device, to_device
 from fedlora.models.prefix import feed

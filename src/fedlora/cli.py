@@ -24,7 +24,7 @@ from typing import Any
 from fedlora import recipes
 from fedlora.config import load_config
 from fedlora.errors import FedLoraError
-from fedlora.federation import silent, stderr_log
+from fedlora.log import silent, stderr_log
 
 
 def _split_args(items: Sequence[str]) -> tuple[str | None, list[str]]:

@@ -8,8 +8,7 @@ holding models: a client is its data; its state is the adapter it is sent each r
 from __future__ import annotations
 
 import functools
-import sys
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,22 +27,13 @@ from fedlora.data import (
 )
 from fedlora.data.causal import encode_causal, is_causal_source, load_causal_dataset
 from fedlora.errors import FedLoraError
+from fedlora.log import Log, stderr_log
 from fedlora.messages import AdapterState
 from fedlora.models import LoRASettings, PeftAdapter, load_classifier
 from fedlora.models.causal_lm import load_causal_lm
 from fedlora.models.device import check_precision, resolve_device
 from fedlora.models.loading import ModelSettings
 from fedlora.models.prefix import FrozenPrefix, plan_prefix_cache
-
-Log = Callable[[str], None]
-
-
-def stderr_log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def silent(message: str) -> None:
-    pass
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ from typing import Any
 
 from fedlora.config import Config, config_from_dict, read_yaml
 from fedlora.errors import FedLoraError
-from fedlora.federation import Federation, Log, build_federation, stderr_log
+from fedlora.federation import Federation, build_federation
+from fedlora.log import Log, stderr_log
 from fedlora.methods import build_method, with_method_defaults
 from fedlora.outputs import RunDir, plot_comparison
 from fedlora.outputs.summary import warn_one_phase, write_results

@@ -132,7 +132,8 @@ def test_max_client_eval_examples_accepts_0_and_refuses_negatives():
 
 
 def test_federation_reports_what_an_evaluation_covers(tiny_overrides):
-    from fedlora.federation import build_federation, silent
+    from fedlora.federation import build_federation
+    from fedlora.log import silent
 
     fed = build_federation(
         load_config(None, [*tiny_overrides, "max_client_eval_examples=3"]), log=silent

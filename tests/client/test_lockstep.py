@@ -21,7 +21,8 @@ from fedlora.client.lockstep import (
 from fedlora.config import load_config
 from fedlora.data import Encoded
 from fedlora.errors import FedLoraError
-from fedlora.federation import build_federation, silent
+from fedlora.federation import build_federation
+from fedlora.log import silent
 from fedlora.messages import AdapterState, RoundPlan
 from fedlora.methods import build_method
 from fedlora.models.stacked import StackedAdapters, client_losses

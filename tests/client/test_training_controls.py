@@ -10,7 +10,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from fedlora.client import LocalTraining, train_client
 from fedlora.config import load_config
 from fedlora.errors import FedLoraError
-from fedlora.federation import build_federation, silent
+from fedlora.federation import build_federation
+from fedlora.log import silent
 from fedlora.messages import RoundPlan
 
 

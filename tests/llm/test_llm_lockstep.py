@@ -12,7 +12,8 @@ import torch
 from fedlora.client import LocalTraining, train_client
 from fedlora.client.lockstep import train_clients_lockstep
 from fedlora.config import load_config
-from fedlora.federation import build_federation, silent
+from fedlora.federation import build_federation
+from fedlora.log import silent
 from fedlora.messages import AdapterState, RoundPlan
 
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from fedlora.config import load_config
-from fedlora.federation import build_federation, silent
+from fedlora.federation import build_federation
+from fedlora.log import silent
 from fedlora.methods import build_method
 from fedlora.outputs import RunDir, read_metrics
 from fedlora.runtime import run_federated

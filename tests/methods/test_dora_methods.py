@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from fedlora import recipes
 from fedlora.config import load_config
 from fedlora.errors import FedLoraError
-from fedlora.federation import silent
+from fedlora.log import silent
 from fedlora.messages import AdapterState, ClientUpdate
 from fedlora.methods import METHOD_NAMES, build_method
 from fedlora.methods.base import update_error

@@ -11,7 +11,8 @@ from fedlora import aggregation
 from fedlora.client import LocalTraining, train_client
 from fedlora.client.state import ClientStore, shared_part, with_private
 from fedlora.config import load_config
-from fedlora.federation import build_federation, silent
+from fedlora.federation import build_federation
+from fedlora.log import silent
 from fedlora.messages import AdapterState, ClientUpdate
 from fedlora.methods import build_method
 from fedlora.runtime.flower import codec

@@ -9,7 +9,8 @@ import torch
 from fedlora import aggregation
 from fedlora.cli import main
 from fedlora.config import load_config
-from fedlora.federation import build_federation, silent
+from fedlora.federation import build_federation
+from fedlora.log import silent
 from fedlora.messages import AdapterState, ClientUpdate
 from fedlora.methods import build_method
 from fedlora.methods.base import update_error

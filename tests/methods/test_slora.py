@@ -17,7 +17,8 @@ from fedlora.aggregation.sparse import layer_seed, mask_size, sparse_mask
 from fedlora.client import LocalTraining, train_client
 from fedlora.client import sparse as client_sparse
 from fedlora.config import load_config
-from fedlora.federation import build_federation, silent
+from fedlora.federation import build_federation
+from fedlora.log import silent
 from fedlora.messages import AdapterState, ClientUpdate
 from fedlora.methods import build_method
 from fedlora.methods.base import update_error

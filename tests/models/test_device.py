@@ -9,7 +9,8 @@ import torch
 from fedlora.client import LocalTraining, train_client
 from fedlora.config import load_config
 from fedlora.errors import FedLoraError
-from fedlora.federation import build_federation, silent
+from fedlora.federation import build_federation
+from fedlora.log import silent
 from fedlora.methods import build_method
 
 

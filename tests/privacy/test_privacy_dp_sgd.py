@@ -6,7 +6,8 @@ import torch
 from fedlora.client import LocalTraining
 from fedlora.config import DPConfig, load_config
 from fedlora.data import Encoded
-from fedlora.federation import build_federation, silent
+from fedlora.federation import build_federation
+from fedlora.log import silent
 from fedlora.messages import AdapterState, RoundPlan
 from fedlora.methods import METHOD_NAMES, build_method
 from fedlora.outputs import RunDir, read_metrics

@@ -12,7 +12,8 @@ from fedlora import recipes
 from fedlora.client import LocalTraining, train_client
 from fedlora.client.train import batch_indices, client_seed
 from fedlora.config import load_config
-from fedlora.federation import build_federation, silent
+from fedlora.federation import build_federation
+from fedlora.log import silent
 from fedlora.methods import build_method
 from fedlora.methods.base import Aggregate
 from fedlora.outputs import RunDir, best_row, read_metrics

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from fedlora import recipes
 from fedlora.config import load_config
-from fedlora.federation import silent
+from fedlora.log import silent
 from fedlora.outputs import read_metrics
 
 pytestmark = pytest.mark.integration

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from fedlora import recipes
 from fedlora.config import load_config
 from fedlora.errors import FedLoraError
-from fedlora.federation import silent
+from fedlora.log import silent
 from fedlora.models.adapter import BASE_DELTA_FILE
 from fedlora.outputs import read_metrics
 

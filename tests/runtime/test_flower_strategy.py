@@ -13,7 +13,8 @@ from flwr.server.superlink.linkstate.utils import create_message_error_unavailab
 
 from fedlora.config import load_config
 from fedlora.errors import FedLoraError
-from fedlora.federation import build_federation, silent
+from fedlora.federation import build_federation
+from fedlora.log import silent
 from fedlora.methods import build_method
 from fedlora.outputs import RunDir
 from fedlora.runtime.flower import app

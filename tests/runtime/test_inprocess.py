@@ -9,7 +9,8 @@ import torch
 from fedlora import recipes
 from fedlora.client import LocalTraining, evaluate, train_client
 from fedlora.config import load_config
-from fedlora.federation import build_federation, silent
+from fedlora.federation import build_federation
+from fedlora.log import silent
 from fedlora.methods import build_method
 from fedlora.outputs import RunDir, read_metrics
 from fedlora.runtime import run_federated

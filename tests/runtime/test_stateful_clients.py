@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from fedlora.client import evaluate_split
 from fedlora.client.state import ClientStore, DiskClientStore, with_private
 from fedlora.config import load_config
-from fedlora.federation import build_federation, silent
+from fedlora.federation import build_federation
+from fedlora.log import silent
 from fedlora.messages import AdapterState, ClientUpdate, RoundPlan
 from fedlora.methods import build_method
 from fedlora.outputs import RunDir

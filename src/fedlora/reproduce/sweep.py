@@ -18,7 +18,7 @@ from pathlib import Path
 from fedlora import recipes
 from fedlora.config import load_config
 from fedlora.errors import FedLoraError
-from fedlora.federation import Log, stderr_log
+from fedlora.log import Log, stderr_log
 
 
 def _split_values(raw: str) -> list[str]:

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 from fedlora.client import LocalTraining, evaluate_split, train_client
 from fedlora.client.lockstep import train_in_lockstep
 from fedlora.client.state import ClientStore, evaluate_personal
-from fedlora.federation import Federation, Log, stderr_log
+from fedlora.federation import Federation
+from fedlora.log import Log, stderr_log
 from fedlora.messages import ClientUpdate
 from fedlora.methods import Method
 from fedlora.outputs import RunDir

@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fedlora.client.state import ClientStore, shared_part
-from fedlora.federation import Federation, Log
+from fedlora.federation import Federation
+from fedlora.log import Log
 from fedlora.messages import AdapterState, ClientUpdate, RoundPlan
 from fedlora.methods import Aggregate, LoRAMethod
 from fedlora.methods.base import client_weights, update_error

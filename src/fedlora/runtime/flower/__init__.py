@@ -16,7 +16,7 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 
 from fedlora.config import Config  # noqa: E402
-from fedlora.federation import Log, stderr_log  # noqa: E402
+from fedlora.log import Log, stderr_log  # noqa: E402
 
 
 def run_on_flower(cfg: Config, *, log: Log = stderr_log, resume: bool = False) -> dict[str, Any]:

@@ -30,7 +30,8 @@ from fedlora.client import LocalTraining, evaluate_split, train_client
 from fedlora.client.state import evaluate_personal, node_state_dir, node_store
 from fedlora.config import Config
 from fedlora.errors import FedLoraError
-from fedlora.federation import Federation, Log, build_federation, silent, stderr_log
+from fedlora.federation import Federation, build_federation
+from fedlora.log import Log, silent, stderr_log
 from fedlora.methods import Method, build_method
 from fedlora.outputs import RunDir
 from fedlora.outputs.run_dir import write_json

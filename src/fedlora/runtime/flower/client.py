@@ -38,8 +38,8 @@ from fedlora.federation import (
     encode_split,
     lora_settings,
     model_settings,
-    silent,
 )
+from fedlora.log import silent
 from fedlora.messages import AdapterState
 from fedlora.models import PeftAdapter, load_classifier
 from fedlora.models.causal_lm import load_causal_lm

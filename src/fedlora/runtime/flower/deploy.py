@@ -33,7 +33,7 @@ import tomli_w
 
 from fedlora.config import Config
 from fedlora.errors import FedLoraError
-from fedlora.federation import Log, stderr_log
+from fedlora.log import Log, stderr_log
 from fedlora.runtime.flower import codec
 from fedlora.runtime.flower.app import FLOWER_RUN_FILE, RESUME_KEY, RUN_CONFIG_KEY
 

@@ -24,7 +24,7 @@ from flwr.simulation import run_simulation as flower_run_simulation
 
 from fedlora.config import Config
 from fedlora.errors import FedLoraError
-from fedlora.federation import Log, stderr_log
+from fedlora.log import Log, stderr_log
 from fedlora.runtime.flower.app import client_app, serve
 
 

@@ -30,7 +30,8 @@ from flwr.serverapp.strategy import Strategy
 from fedlora.client import evaluate_split
 from fedlora.config import Config
 from fedlora.errors import FedLoraError
-from fedlora.federation import Federation, Log
+from fedlora.federation import Federation
+from fedlora.log import Log
 from fedlora.messages import AdapterState, ClientUpdate, RoundPlan
 from fedlora.models.device import model_device
 from fedlora.runtime.flower import codec
