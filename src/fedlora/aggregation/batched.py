@@ -121,8 +121,9 @@ def _stack(
     """``p`` ``(n, out, R)``, ``q`` ``(n, in, R)`` in ``qr_dtype``, ``c`` ``(n, R)`` float64."""
     out_features, in_features, total, _, device = key
     n = len(layers)
-    # Filled as (R, dim) rows so that .mT is the column-major layout LAPACK works in.
-    p = torch.empty(n, total, out_features, dtype=qr_dtype, device=device)
+    # Layouts that copy each client's factor without transposing it (A_k's rows, B_k's
+    # columns): q is then column-major as LAPACK wants, p is transposed once by geqrf.
+    p = torch.empty(n, out_features, total, dtype=qr_dtype, device=device)
     q = torch.empty(n, total, in_features, dtype=qr_dtype, device=device)
     c = torch.empty(n, total, dtype=work_dtype(device), device=device)
     for j, layer in enumerate(layers):
@@ -131,10 +132,10 @@ def _stack(
         for w_k, a, b in zip(w, As[layer], Bs[layer], strict=True):
             stop = start + a.shape[0]
             q[j, start:stop] = a
-            p[j, start:stop] = b.mT
+            p[j, :, start:stop] = b
             c[j, start:stop] = w_k
             start = stop
-    return p.mT, q.mT, c
+    return p, q.mT, c
 
 
 def _decompose(left: Tensor, right: Tensor, c: Tensor, *, rank: int) -> tuple[_Triplets, Tensor]:
