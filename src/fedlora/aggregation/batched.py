@@ -128,14 +128,17 @@ def _stack(
     q = torch.empty(n, total, in_features, dtype=qr_dtype, device=device)
     c = torch.empty(n, total, dtype=work_dtype(device), device=device)
     for j, layer in enumerate(layers):
-        w = normalise_weights(weights, len(As[layer]))
-        start = 0
-        for w_k, a, b in zip(w, As[layer], Bs[layer], strict=True):
-            stop = start + a.shape[0]
-            q[j, start:stop] = a
-            p[j, :, start:stop] = b
-            c[j, start:stop] = w_k
-            start = stop
+        a_l, b_l = As[layer], Bs[layer]
+        # One cat per factor and layer: per-client slice copies cost more than the data.
+        if a_l[0].dtype == qr_dtype:
+            torch.cat(list(a_l), dim=0, out=q[j])
+            torch.cat(list(b_l), dim=1, out=p[j])
+        else:
+            q[j] = torch.cat(list(a_l), dim=0)
+            p[j] = torch.cat(list(b_l), dim=1)
+        w = normalise_weights(weights, len(a_l))
+        ranks = torch.tensor([a.shape[0] for a in a_l], device=device)
+        c[j] = torch.repeat_interleave(torch.tensor(w, dtype=c.dtype, device=device), ranks)
     return p, q.mT, c
 
 
@@ -149,7 +152,13 @@ def _decompose(left: Tensor, right: Tensor, c: Tensor, *, rank: int) -> tuple[_T
     work, total = c.dtype, c.shape[-1]
     top = min(rank, total)
     refl_l, _ = torch.geqrf(left)
-    refl_r, tau_r = torch.geqrf(right)
+    # `right` is not needed after its QR (M V_r below uses R_r): factorise it in place when
+    # it is column-major already, saving geqrf's copy of it.
+    if right.mT.is_contiguous():
+        tau_r = right.new_empty(right.shape[0], total)
+        refl_r, tau_r = torch.geqrf(right, out=(right, tau_r))
+    else:
+        refl_r, tau_r = torch.geqrf(right)
     r_l = refl_l[..., :total, :].triu().to(work)
     r_r = refl_r[..., :total, :].triu().to(work)
     r_rc = r_r * c[:, None, :]
@@ -173,10 +182,11 @@ def _decompose(left: Tensor, right: Tensor, c: Tensor, *, rank: int) -> tuple[_T
     padded = right.new_zeros(right.shape[0], right.shape[1], top)
     padded[:, :total] = vh_core[:, :top].mT.to(right.dtype)
     v = torch.ormqr(refl_r, tau_r, padded)
-    # M V_r = left diag(c) (right^T V_r): thin GEMMs in the QR precision (their rounding is
-    # within nu); its float64 SVD gives U and rotates V so that (U, S, V) are the singular
-    # triplets of B A = M V_r V_r^T itself.
-    mv = (left @ (c[:, :, None].to(left.dtype) * (right.mT @ v))).to(work)
+    # M V_r = left diag(c) R_r^T V'_r (right^T Q_r = R_r^T): one thin GEMM in the QR
+    # precision (its rounding is within nu); the float64 SVD of M V_r gives U and rotates V
+    # so that (U, S, V) are the singular triplets of B A = M V_r V_r^T itself.
+    z = r_rc.mT @ vh_core[:, :top].mT
+    mv = (left @ z.to(left.dtype)).to(work)
     u, s_top, w_h = torch.linalg.svd(mv, full_matrices=False)
     v = v.to(work) @ w_h.mT
     s = torch.cat([s_top, s[:, top:]], dim=-1)
