@@ -17,6 +17,7 @@ X_per-layer||_F / ||M||_F`` over the layers (``X = B A``) and the 1-minute load 
 
     python bench/aggregation.py --llm           # 7B shapes, 10 clients, rank 16
     python bench/aggregation.py --llm --blocks 2    # the same shapes, 2 blocks (quick)
+    python bench/aggregation.py --llm --profile     # and where the batched time goes
 """
 
 from __future__ import annotations
@@ -139,6 +140,7 @@ def run_llm(args: argparse.Namespace) -> None:
         "| ms/layer (batched) | max diff / norm M (Frobenius) | load avg |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    profiles = []
     for label, block in cases:
         shapes = block * args.blocks
         As, Bs, weights = llm_round(
@@ -176,7 +178,15 @@ def run_llm(args: argparse.Namespace) -> None:
             f"| {os.getloadavg()[0]:.1f} |",
             flush=True,
         )
+        if args.profile:  # where the batched route's time goes (self CPU time per kernel)
+            with torch.profiler.profile() as prof:
+                batched_route(As, Bs, weights, rank=args.llm_rank)
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10)
+            profiles.append(f"{label}, {len(shapes)} layers, one batched call:\n{table}")
         del As, Bs, old, new
+    for text in profiles:
+        print()
+        print(text)
 
 
 def main() -> None:
@@ -200,6 +210,9 @@ def main() -> None:
     parser.add_argument("--llm-clients", type=int, default=10, help="--llm: clients")
     parser.add_argument("--llm-rank", type=int, default=16, help="--llm: LoRA rank")
     parser.add_argument("--llm-reps", type=int, default=3, help="--llm: timed runs per route")
+    parser.add_argument(
+        "--profile", action="store_true", help="--llm: also profile one batched call per case"
+    )
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads or (2 if args.llm else 1))
