@@ -21,6 +21,12 @@ import torch
 from fedlora import aggregation
 from fedlora.messages import AdapterState, ClientUpdate, Factor, RoundPlan
 
+# Why a method whose clients have adapters of different ranks cannot carry DoRA.
+RANKS_REFUSAL = (
+    "its clients train adapters of different ranks, and PEFT keeps one magnitude vector "
+    "per rank adapter"
+)
+
 
 @dataclass(frozen=True)
 class Aggregate:

@@ -48,7 +48,7 @@ from safetensors.torch import save as save_tensors
 from fedlora import aggregation
 from fedlora.errors import FedLoraError
 from fedlora.messages import AdapterState, ClientUpdate, RoundPlan
-from fedlora.methods.base import Aggregate, LoRAMethod, aggregate_head
+from fedlora.methods.base import RANKS_REFUSAL, Aggregate, LoRAMethod, aggregate_head
 from fedlora.methods.flora import kaiming_uniform_A
 
 
@@ -131,10 +131,7 @@ class ServerFactors:
 class FlexLoRA(LoRAMethod):
     name = "flexlora"
     carries_magnitude = False
-    magnitude_refusal = (
-        "its clients train adapters of different ranks, and PEFT keeps one magnitude vector "
-        "per rank adapter"
-    )
+    magnitude_refusal = RANKS_REFUSAL
 
     def __init__(
         self,

@@ -52,7 +52,7 @@ import torch
 from fedlora import aggregation
 from fedlora.errors import FedLoraError
 from fedlora.messages import AdapterState, ClientUpdate, RoundPlan
-from fedlora.methods.base import Aggregate, LoRAMethod, aggregate_head
+from fedlora.methods.base import RANKS_REFUSAL, Aggregate, LoRAMethod, aggregate_head
 from fedlora.methods.flexlora import ServerFactors, rank_scaling
 
 
@@ -61,10 +61,7 @@ class HetLoRA(LoRAMethod):
     # Fig. 2b: the weights are the sparsity weights alone, no n_k
     paper_weighting = "uniform"
     carries_magnitude = False
-    magnitude_refusal = (
-        "its clients train adapters of different ranks, and PEFT keeps one magnitude vector "
-        "per rank adapter"
-    )
+    magnitude_refusal = RANKS_REFUSAL
 
     def __init__(
         self,
