@@ -38,6 +38,7 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 PREFIX_CACHE_MODES = ("auto", "on", "off")  # fedlora.models.prefix
 FOLDING_METHODS = ("fedex", "flora", "slora")  # add increments to the frozen weights
 HETERO_RANK_METHODS = ("flora", "flexlora", "hetlora")  # take client_ranks
+EVAL_SPLITS = ("dev", "test")
 ADAPTERS = ("lora", "dora")  # dora: PEFT use_dora, a magnitude vector per layer
 
 
@@ -144,6 +145,7 @@ class Config:
     max_client_eval_examples: int | None = 200
     max_train_examples: int | None = None
     max_test_examples: int | None = None
+    eval_split: str = "dev"  # test: a local GLUE task's labelled test.tsv (final figures only)
     max_length: int = 128
     # Federation
     num_clients: int = 3
@@ -257,6 +259,9 @@ def _check_values(cfg: Config) -> None:
         raise FedLoraError(f"config key 'weight_decay' must be >= 0, got {cfg.weight_decay}")
     _choice(cfg, "optimizer", OPTIMIZERS)
     _choice(cfg, "partition", PARTITIONS)
+    _choice(cfg, "eval_split", EVAL_SPLITS)
+    if cfg.eval_split != "dev" and cfg.task != "classification":
+        raise FedLoraError("config key 'eval_split' needs task=classification (GLUE tasks)")
     _choice(cfg, "weighting", WEIGHTINGS)
     _choice(cfg, "client_alpha", CLIENT_ALPHAS)
     _check_training_controls(cfg)

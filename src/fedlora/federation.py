@@ -193,6 +193,7 @@ def build_federation(
             max_train_examples=cfg.max_train_examples,
             max_test_examples=cfg.max_test_examples,
             encoding=cfg.encoding,
+            eval_split=cfg.eval_split,
         )
     log(
         f"data: {dataset.name}: {len(dataset.train)} train / {len(dataset.test)} eval examples, "

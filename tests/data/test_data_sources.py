@@ -89,6 +89,18 @@ def test_sst2_from_local_glue_directory():
 
 
 @needs_shared
+def test_sst2_eval_split_test_reads_the_labelled_test_file():
+    ds = load_text_dataset(name="sst2", data_dir=str(SHARED / "glue"), eval_split="test")
+    # ../shared/data/README.md: 1,821 sentences, 917 negative / 904 positive
+    assert len(ds.test) == 1821 and label_histogram(ds.test, 2) == [917, 904]
+    assert ds.test.text[0] == "uneasy mishmash of styles and genres ." and len(ds.train) == 67349
+    with pytest.raises(FedLoraError, match=r"eval_split=test needs .*RTE/test.tsv"):
+        load_text_dataset(name="rte", data_dir=str(SHARED / "glue"), eval_split="test")
+    with pytest.raises(FedLoraError, match=r"eval_split=test needs a GLUE task read from data_dir"):
+        load_text_dataset(name="bbc-news", eval_split="test")
+
+
+@needs_shared
 def test_rte_pairs_and_integer_labels():
     ds = load_text_dataset(name="rte", data_dir=str(SHARED / "glue"))
     assert ds.label_names == ["entailment", "not_entailment"]

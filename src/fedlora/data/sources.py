@@ -123,6 +123,7 @@ def load_text_dataset(
     max_train_examples: int | None = None,
     max_test_examples: int | None = None,
     encoding: str = "utf-8",
+    eval_split: str = "dev",
 ) -> TextDataset:
     """Load a labelled text data set by name or path.
 
@@ -141,6 +142,10 @@ def load_text_dataset(
     ``encoding`` is the text encoding of every file read from disk (the user's files and
     local GLUE / AG News copies; see :func:`read_text`). The packaged BBC News corpus and
     the hub ignore it.
+
+    ``eval_split="test"`` evaluates a local GLUE task on its labelled ``test.tsv`` instead of
+    its dev split (the SST-2 copy in ``../shared/data`` has one): the split held back for
+    final figures, never for tuning. Other sources refuse it.
     """
     if not 0.0 < test_fraction < 1.0:
         raise FedLoraError(
@@ -152,10 +157,15 @@ def load_text_dataset(
             raise FedLoraError(f"{arg} must be at least 1, got {value}")
 
     key = name.lower()
+    if eval_split != "dev" and (key not in _GLUE or data_dir is None):
+        raise FedLoraError(
+            f"eval_split={eval_split} needs a GLUE task read from data_dir (a labelled "
+            f"test.tsv beside dev.tsv); dataset '{name}' has no such split"
+        )
     if key == "bbc-news":
         raw = _bbc_news()
     elif key in _GLUE:
-        raw = _glue(key, data_dir, encoding=encoding)
+        raw = _glue(key, data_dir, encoding=encoding, eval_split=eval_split)
     elif key == "ag_news":
         raw = _ag_news(data_dir, encoding=encoding)
     else:
@@ -213,7 +223,7 @@ def _bbc_news() -> _Raw:
     return _Raw(label_names=topics, train=(table, str(root)), test=None, text="text")
 
 
-def _glue(task: str, data_dir: str | None, *, encoding: str) -> _Raw:
+def _glue(task: str, data_dir: str | None, *, encoding: str, eval_split: str = "dev") -> _Raw:
     spec = _GLUE[task]
     if data_dir is None:
         text, pair, eval_split = spec.hub
@@ -222,6 +232,12 @@ def _glue(task: str, data_dir: str | None, *, encoding: str) -> _Raw:
     folder = Path(data_dir) / spec.folder
     folder = _first([folder, Path(data_dir) / "glue" / spec.folder]) or folder
     dev_path, train_path = folder / spec.dev_file, folder / "train.tsv"
+    if eval_split == "test":
+        dev_path = folder / "test.tsv"
+        if not (dev_path.is_file() and train_path.is_file()):
+            raise FedLoraError(
+                f"eval_split=test needs {dev_path} (labelled) beside {train_path}; not found"
+            )
     dev = (_read_table(dev_path, encoding=encoding), str(dev_path))
     raw = _Raw(list(spec.labels), dev, None, text=spec.text, pair=spec.pair, label=spec.label)
     if not train_path.is_file():  # the offline QNLI: its dev set is split into train and test
