@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from fedlora.aggregation import fra_with_error, relative_update_error, weighted_mean
+from fedlora.aggregation import client_drift, fra_with_error, relative_update_error, weighted_mean
 from fedlora.aggregation.fra import init_row_norm
 
 
@@ -41,6 +41,35 @@ def test_relative_update_error_matches_dense_reference(ranks):
         As, Bs, weights, scalings=scalings, A=A, B=B, scaling=2.5, folded=folded
     )
     assert got == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("ranks", [(2, 2, 2), (1, 3, 2)])
+def test_client_drift_matches_dense_reference(ranks):
+    As, Bs = factors(3, ranks, out=40, inp=30)
+    weights, scalings = [1.0, 2.0, 5.0], [4.0, 1.5, 2.0]
+    M = dense_mean(As, Bs, weights, scalings)
+    w = [x / sum(weights) for x in weights]
+    spread = sum(
+        w[k] * float(torch.linalg.norm(scalings[k] * Bs[k] @ As[k] - M)) ** 2 for k in range(3)
+    )
+    expected = math.sqrt(spread) / float(torch.linalg.norm(M))
+    assert client_drift(As, Bs, weights, scalings=scalings) == pytest.approx(expected, rel=1e-12)
+    # float32 factors are upcast: the same spread to float32 rounding
+    got32 = client_drift(
+        [a.float() for a in As], [b.float() for b in Bs], weights, scalings=scalings
+    )
+    assert got32 == pytest.approx(expected, rel=1e-5)
+
+
+def test_client_drift_is_zero_for_equal_clients_and_undefined_when_they_cancel():
+    As, Bs = factors(4, (2,))
+    assert client_drift(As * 3, Bs * 3, None, scalings=[2.0] * 3) == pytest.approx(0.0, abs=1e-7)
+    # two opposite increments: the mean is 0 but the clients are not
+    assert math.isinf(client_drift(As * 2, [Bs[0], -Bs[0]], None, scalings=[1.0, 1.0]))
+    zeros = [torch.zeros(9, 2, dtype=torch.float64)] * 2
+    assert client_drift(As * 2, zeros, None, scalings=[1.0, 1.0]) == 0.0
+    with pytest.raises(ValueError, match="got 1 scalings for 2 clients"):
+        client_drift(As * 2, Bs * 2, None, scalings=[1.0])
 
 
 def test_relative_update_error_is_zero_for_the_exact_mean_and_says_when_undefined():

@@ -19,11 +19,13 @@ normalised weights ``w_k``, the clients' average update is ``M = sum_k w_k B_k A
   trained against a shared frozen partner, the head).
 - :func:`relative_update_error`: ``||M - X||_F / ||M||_F`` of what the model holds after
   aggregation, the error every method reports (``agg_error``).
+- :func:`client_drift`: how far the clients' increments spread around their mean
+  (``client_drift`` in the metrics).
 - :func:`fedavg_error` (FedAvg's case of it), :func:`fra_truncation_error` (the share of
   ``||M||_F^2`` FRA-LoRA discards; ``fra_discarded_energy`` in the metrics).
 """
 
-from fedlora.aggregation.error import relative_update_error
+from fedlora.aggregation.error import client_drift, relative_update_error
 from fedlora.aggregation.factors import LayerFactors, check_factors, normalise_weights
 from fedlora.aggregation.fair import FairCorrection, lora_fair
 from fedlora.aggregation.fra import fra, fra_truncation_error, fra_with_error
@@ -44,6 +46,7 @@ __all__ = [
     "FairCorrection",
     "LayerFactors",
     "check_factors",
+    "client_drift",
     "fedavg",
     "fedavg_error",
     "fedex",

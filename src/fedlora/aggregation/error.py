@@ -14,6 +14,14 @@ FLoRA's merged stack). The error is
 
 one unit for every method: 0 for the exact ones (up to rounding), the relative cross-term
 error for FedAvg-LoRA, ``sqrt`` of the discarded energy share for FRA-LoRA.
+
+Beside it, the clients' drift: how far their increments spread around that mean,
+
+    client_drift = sqrt(sum_k w_k ||s_k B_k A_k - M||_F^2) / ||M||_F,
+
+0 when every client proposed the same increment; it grows as the clients' data (and their
+local epochs away from the global model) pull them apart. Beside ``agg_error`` it tells
+what the server lost in combining the clients from how far apart the clients were.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from torch import Tensor
 from fedlora.aggregation.factors import check_factors
 from fedlora.aggregation.lowrank import frobenius_norm_of_product
 
-__all__ = ["relative_update_error"]
+__all__ = ["client_drift", "relative_update_error"]
 
 
 def relative_update_error(
@@ -82,3 +90,52 @@ def relative_update_error(
     if norm == 0.0:
         return 0.0 if error == 0.0 else math.inf
     return error / norm
+
+
+def client_drift(
+    As: Sequence[Tensor],
+    Bs: Sequence[Tensor],
+    weights: Sequence[float] | Tensor | None = None,
+    *,
+    scalings: Sequence[float],
+) -> float:
+    """``sqrt(sum_k w_k ||P_k - M||_F^2) / ||M||_F`` with ``P_k = s_k B_k A_k`` and
+    ``M = sum_k w_k P_k`` (``w`` normalised to sum to 1).
+
+    Each ``P_k - M = [B_k, Bcat] diag(s_k, -w s) [A_k; Acat]`` is a product of thin factors,
+    its norm taken as in :func:`relative_update_error` (no ``out x in`` matrix). Arithmetic
+    is float64.
+
+    Returns:
+        The relative spread; ``0.0`` when every ``P_k`` is 0, ``math.inf`` when the clients'
+        increments cancel to ``M = 0`` (to ``1e3`` eps of their own norms) without being 0
+        (the metrics file writes ``null``).
+
+    Raises:
+        ValueError: as :func:`relative_update_error`.
+    """
+    f = check_factors(As, Bs, weights)
+    if len(scalings) != len(f.ranks):
+        raise ValueError(f"got {len(scalings)} scalings for {len(f.ranks)} clients")
+    work = f.w.dtype
+    per_column = torch.repeat_interleave(
+        torch.tensor([float(s) for s in scalings], dtype=work, device=f.device),
+        torch.tensor(f.ranks, device=f.device),
+    )
+    c_mean = f.w * per_column
+    norm = float(frobenius_norm_of_product(f.b_cat, c_mean, f.a_cat))
+    spread = 0.0
+    start = 0
+    for k, (r, w) in enumerate(zip(f.ranks, f.weights, strict=True)):
+        cols = slice(start, start + r)
+        start += r
+        own = torch.full((r,), float(scalings[k]), dtype=work, device=f.device)
+        p = torch.cat([f.b_cat[:, cols], f.b_cat], dim=1)
+        q = torch.cat([f.a_cat[cols], f.a_cat], dim=0)
+        gap = float(frobenius_norm_of_product(p, torch.cat([own, -c_mean]), q))
+        spread += w * gap**2
+    # M is a cancellation when it is at the rounding level of the clients' own increments
+    # (sum_k w_k ||P_k||^2 = spread + ||M||^2): a ratio there would only measure rounding
+    if norm <= 1e3 * torch.finfo(work).eps * math.sqrt(spread + norm**2):
+        return 0.0 if spread == 0.0 else math.inf
+    return math.sqrt(spread) / norm

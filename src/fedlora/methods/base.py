@@ -191,12 +191,7 @@ def update_error(
     if any(u.sparse for u in updates):
         return errors
     for layer in before.A:
-        As, Bs, scalings = [], [], []
-        for u in updates:
-            start = (starts or {}).get(u.client_id, before)
-            As.append(u.A[layer] if layer in u.A else start.A[layer])
-            Bs.append(u.B[layer] if layer in u.B else start.B[layer])
-            scalings.append(u.scaling.get(layer, scaling[layer]))
+        As, Bs, scalings = _proposed(layer, before, starts, updates, scaling)
         errors[layer] = aggregation.relative_update_error(
             As,
             Bs,
@@ -208,3 +203,43 @@ def update_error(
             folded=result.base_delta.get(layer),
         )
     return errors
+
+
+def update_drift(
+    *,
+    before: AdapterState,
+    starts: Mapping[int, AdapterState] | None = None,
+    updates: Sequence[ClientUpdate],
+    weights: Sequence[float],
+    scaling: Mapping[str, float],
+) -> dict[str, float]:
+    """Per layer, the clients' drift ``sqrt(sum_k w_k ||P_k - M||_F^2) / ||M||_F``
+    (:func:`fedlora.aggregation.client_drift`), from the same ``P_k = s_k B_k A_k`` as
+    :func:`update_error`; ``{}`` where that is not defined, and with one client (no spread)."""
+    if len(updates) < 2 or any(u.sparse for u in updates):
+        return {}
+    drift: dict[str, float] = {}
+    for layer in before.A:
+        As, Bs, scalings = _proposed(layer, before, starts, updates, scaling)
+        drift[layer] = aggregation.client_drift(As, Bs, weights, scalings=scalings)
+    return drift
+
+
+def _proposed(
+    layer: str,
+    before: AdapterState,
+    starts: Mapping[int, AdapterState] | None,
+    updates: Sequence[ClientUpdate],
+    scaling: Mapping[str, float],
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[float]]:
+    """Each client's ``A_k``, ``B_k`` and scaling for ``layer``: a factor it did not train
+    is the one it started from."""
+    As: list[torch.Tensor] = []
+    Bs: list[torch.Tensor] = []
+    scalings: list[float] = []
+    for u in updates:
+        start = (starts or {}).get(u.client_id, before)
+        As.append(u.A[layer] if layer in u.A else start.A[layer])
+        Bs.append(u.B[layer] if layer in u.B else start.B[layer])
+        scalings.append(u.scaling.get(layer, scaling[layer]))
+    return As, Bs, scalings

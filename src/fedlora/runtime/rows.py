@@ -41,10 +41,12 @@ def round_row(
     download_bytes: int,
     result: Aggregate,
     errors: Mapping[str, float],
+    drift: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
-    """What a round did: who trained what, the steps taken, the bytes moved, and the
-    aggregation error ``errors`` (per layer, :func:`fedlora.methods.base.update_error`)
-    with any diagnostics of the method's own, each under its own name."""
+    """What a round did: who trained what, the steps taken, the bytes moved, the
+    aggregation error ``errors`` (per layer, :func:`fedlora.methods.base.update_error`),
+    the clients' drift (per layer, :func:`fedlora.methods.base.update_drift`) and any
+    diagnostics of the method's own, each under its own name."""
     row: dict[str, Any] = {
         "round": plan.round,
         "method": plan.method,
@@ -64,6 +66,9 @@ def round_row(
                 "the clients' mean update is zero but the aggregate is not, in layers "
                 + ", ".join(undefined)
             )
+    if drift:
+        # inf (increments that cancel to a zero mean) is written as null, like agg_error's
+        row["client_drift"] = _summary(drift)
     for name, values in result.diagnostics.items():
         row[name] = _summary(values)
     return row

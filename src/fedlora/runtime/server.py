@@ -32,7 +32,7 @@ from fedlora.federation import Federation
 from fedlora.log import Log
 from fedlora.messages import AdapterState, ClientUpdate, RoundPlan
 from fedlora.methods import Aggregate, LoRAMethod
-from fedlora.methods.base import client_weights, update_error
+from fedlora.methods.base import client_weights, update_drift, update_error
 from fedlora.models.device import model_device
 from fedlora.outputs import RunDir
 from fedlora.outputs.run_dir import read_metrics
@@ -215,6 +215,15 @@ class Server:
                 weights=weights,
                 scaling=self.scaling,
                 result=result,
+            ),
+            drift={}
+            if method.private
+            else update_drift(
+                before=before,
+                starts=start.starts,
+                updates=updates,
+                weights=weights,
+                scaling=self.scaling,
             ),
         )
         return result, row
