@@ -1,8 +1,9 @@
-"""Federated LoRA methods by name.
+"""Federated LoRA methods by name, and the checks of a config that only they can make.
 
 Add a method: a subclass of :class:`~fedlora.methods.base.LoRAMethod` that overrides what
-differs (``aggregate`` always; ``plan``, ``client_start``, ``state_dict`` where needed) and
-one entry in :data:`METHODS`.
+differs (``aggregate`` always; ``plan``, ``client_start``, ``state_dict`` where needed;
+``check_config`` and the declared attributes for what it cannot run with), one entry in
+:data:`METHODS` and one in :data:`CLASSES`.
 """
 
 from __future__ import annotations
@@ -92,6 +93,81 @@ METHODS: dict[str, Callable[[Config], LoRAMethod]] = {
     "schedule": _schedule,
 }
 METHOD_NAMES = tuple(METHODS)
+CLASSES: dict[str, type[LoRAMethod]] = {
+    cls.name: cls
+    for cls in (
+        FedAvgLoRA,
+        FFALoRA,
+        RoLoRA,
+        FRALoRA,
+        FedExLoRA,
+        FLoRA,
+        FlexLoRA,
+        HetLoRA,
+        LoRAFAIR,
+        SLoRA,
+        FedSALoRA,
+        Centralized,
+        Schedule,
+    )
+}
+
+
+def check_config(cfg: Config) -> None:
+    """What :func:`fedlora.config.load_config` cannot know: the method names, each used
+    method's own :meth:`~fedlora.methods.base.LoRAMethod.check_config`, the rules between
+    methods and other keys, and whether ``dp.target_epsilon`` can be reached at all.
+
+    Every entry that runs something calls it (the CLI, :mod:`fedlora.recipes`, the server,
+    Flower's apps) before anything is written; a bad config raises one line.
+    """
+    for name in [cfg.method, *cfg.methods]:
+        if name not in CLASSES:
+            raise FedLoraError(f"unknown method '{name}' (known: {', '.join(METHOD_NAMES)})")
+    phases = [p.method for p in cfg.schedule or []]
+    schedulable = [n for n, c in CLASSES.items() if c.schedulable]
+    for i, name in enumerate(phases):
+        if name not in schedulable:
+            raise FedLoraError(
+                f"schedule phase {i + 1}: method '{name}' cannot be scheduled "
+                f"(allowed: {', '.join(schedulable)})"
+            )
+    used = [CLASSES[n] for n in dict.fromkeys([cfg.method, *cfg.methods, *phases])]
+    for method in used:
+        method.check_config(cfg)
+    if cfg.client_ranks is not None:
+        ranked = [n for n, c in CLASSES.items() if c.takes_client_ranks]
+        if not any(m.takes_client_ranks for m in used):
+            raise FedLoraError(
+                f"config key 'client_ranks' needs a method with per-client ranks ({', '.join(ranked)})"
+            )
+        if len(cfg.client_ranks) != cfg.num_clients or min(cfg.client_ranks) < 1:
+            raise FedLoraError(
+                f"config key 'client_ranks' must list one rank >= 1 per client ({cfg.num_clients}), "
+                f"got {cfg.client_ranks}"
+            )
+    folding = sorted(m.name for m in used if m.folds_base)
+    if cfg.quantization != "none" and folding:
+        raise FedLoraError(
+            f"method {', '.join(folding)} folds increments into the frozen weights, which a "
+            f"quantized ({cfg.quantization}) base cannot hold exactly: use quantization=none, "
+            "or a method that keeps its update in the adapter (fedavg, ffa, rolora, fra)"
+        )
+    if cfg.adapter == "dora":
+        # the magnitude is relative to ||W0 + s B A||: the method says whether it can carry it
+        for method in used:
+            if not method.carries_magnitude:
+                raise FedLoraError(
+                    f"adapter=dora cannot run with method {method.name}: "
+                    f"{method.magnitude_refusal}; use adapter=lora"
+                )
+    if cfg.dp.target_epsilon is not None:
+        # Imported here: Opacus is only loaded by runs that ask for a privacy budget.
+        from fedlora.privacy.accounting import check_target_reachable
+
+        check_target_reachable(
+            target_epsilon=cfg.dp.target_epsilon, delta=cfg.dp.delta, accountant=cfg.dp.accountant
+        )
 
 
 def with_method_defaults(cfg: Config) -> Config:
@@ -117,6 +193,8 @@ __all__ = [
     "Method",
     "METHODS",
     "METHOD_NAMES",
+    "CLASSES",
     "build_method",
+    "check_config",
     "with_method_defaults",
 ]

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fedlora import aggregation
 from fedlora.messages import AdapterState, ClientUpdate, Factor, RoundPlan
+
+if TYPE_CHECKING:
+    from fedlora.config import Config
 
 # Why a method whose clients have adapters of different ranks cannot carry DoRA.
 RANKS_REFUSAL = (
@@ -70,7 +73,7 @@ class LoRAMethod:
             ``aggregate`` averages the magnitude vectors (:func:`aggregate_magnitude`) and it
             never changes the frozen weights, to whose ``||W0 + s B A||`` the magnitude is
             relative. False for the methods that fold increments into them (FedEx-LoRA,
-            FLoRA); ``config`` refuses those with DoRA. Clients train the magnitude in the
+            FLoRA); :func:`fedlora.methods.check_config` refuses those with DoRA. Clients train the magnitude in the
             rounds that train ``B`` (:attr:`~fedlora.messages.RoundPlan.train_magnitude`).
         private: the parts of the adapter (kinds of :class:`~fedlora.messages.AdapterState`:
             ``"B"``, ``"head"``, ``"magnitude"``) that each client keeps across rounds and
@@ -80,6 +83,14 @@ class LoRAMethod:
             part only, every evaluation adds each client's personalised accuracy, and no
             ``agg_error`` is reported (there is no global model whose update could be
             compared with the clients').
+        takes_client_ranks: clients may have adapters of their own ranks (``client_ranks``:
+            FLoRA, FlexLoRA, HetLoRA).
+        folds_base: the method adds increments to the frozen weights (FedEx-LoRA's residual,
+            FLoRA's merge, SLoRA's first stage), which a quantized base cannot hold exactly.
+        schedulable: the method can be a phase of ``method: schedule``.
+
+    What else a method cannot run with, it refuses in :meth:`check_config`;
+    :func:`fedlora.methods.check_config` asks every method a config uses.
     """
 
     name: str = ""
@@ -92,6 +103,14 @@ class LoRAMethod:
     carries_magnitude: bool = True
     magnitude_refusal: str = ""  # why not, when carries_magnitude is False
     private: tuple[str, ...] = ()
+    takes_client_ranks: bool = False
+    folds_base: bool = False
+    schedulable: bool = False
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """Refuse, with a one-line :class:`~fedlora.errors.FedLoraError`, a config this
+        method cannot run (called for every method ``cfg`` uses); by default nothing."""
 
     def __init__(self, *, train_head: bool = True) -> None:
         self.train_head = train_head

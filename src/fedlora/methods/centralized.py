@@ -12,9 +12,14 @@ Aggregation of a single reply is the reply.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
+from fedlora.errors import FedLoraError
 from fedlora.messages import AdapterState, ClientUpdate, RoundPlan
 from fedlora.methods.base import Aggregate, LoRAMethod
+
+if TYPE_CHECKING:
+    from fedlora.config import Config
 
 
 class Centralized(LoRAMethod):
@@ -25,6 +30,15 @@ class Centralized(LoRAMethod):
     # FRA-LoRA comparison), 2e-3 the best of {1e-3, 2e-3, 5e-3} on the clients' held-out
     # splits (docs/results.md).
     default_lr = 2e-3
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        # `compare` on Flower leaves it out of `methods` itself (with a log line)
+        if cfg.method == cls.name and cfg.runtime != "inprocess":
+            raise FedLoraError(
+                "method 'centralized' pools every client's data on one trainer: it runs with "
+                "runtime=inprocess only"
+            )
 
     def aggregate(
         self,

@@ -19,6 +19,7 @@ from fedlora.methods.base import Aggregate, LoRAMethod, aggregate_head, aggregat
 
 class FedAvgLoRA(LoRAMethod):
     name = "fedavg"
+    schedulable = True
 
     def aggregate(
         self,

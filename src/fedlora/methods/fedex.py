@@ -26,6 +26,8 @@ from fedlora.methods.base import Aggregate, LoRAMethod, aggregate_head, aggregat
 
 class FedExLoRA(LoRAMethod):
     name = "fedex"
+    schedulable = True
+    folds_base = True
     paper_weighting = "uniform"
     carries_magnitude = False
     magnitude_refusal = (

@@ -16,6 +16,7 @@ from fedlora.methods.base import Aggregate, LoRAMethod, aggregate_head, aggregat
 
 class FFALoRA(LoRAMethod):
     name = "ffa"
+    schedulable = True
     trained = "B"
     # With A frozen at its random init only B moves: the paper notes FFA-LoRA needs a larger
     # learning rate; on SST-2 with the defaults 1e-2 reached 76.03 against 74.20 at 3e-3

@@ -130,6 +130,7 @@ class ServerFactors:
 
 class FlexLoRA(LoRAMethod):
     name = "flexlora"
+    takes_client_ranks = True
     carries_magnitude = False
     magnitude_refusal = RANKS_REFUSAL
 

@@ -44,6 +44,8 @@ def kaiming_uniform_A(rank: int, in_features: int, *, generator: torch.Generator
 
 class FLoRA(LoRAMethod):
     name = "flora"
+    takes_client_ranks = True
+    folds_base = True
     carries_magnitude = False
     magnitude_refusal = (
         "it merges the stacked factors into the frozen weights, so the magnitude vector no "

@@ -44,6 +44,7 @@ def _relative_b(update: ClientUpdate, layer: str, scaling: float) -> Tensor:
 
 class FRALoRA(LoRAMethod):
     name = "fra"
+    schedulable = True
 
     def __init__(
         self,

@@ -58,6 +58,7 @@ from fedlora.methods.flexlora import ServerFactors, rank_scaling
 
 class HetLoRA(LoRAMethod):
     name = "hetlora"
+    takes_client_ranks = True
     # Fig. 2b: the weights are the sparsity weights alone, no n_k
     paper_weighting = "uniform"
     carries_magnitude = False

@@ -23,6 +23,7 @@ from fedlora.methods.base import Aggregate, LoRAMethod, aggregate_head, aggregat
 
 class RoLoRA(LoRAMethod):
     name = "rolora"
+    schedulable = True
     period = 2  # a B round, then an A round
 
     def __init__(self, *, train_head: bool = True) -> None:

@@ -18,14 +18,27 @@ have run, is part of :meth:`state_dict`, with each phase's own state.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from fedlora.errors import FedLoraError
 from fedlora.messages import AdapterState, ClientUpdate, RoundPlan
 from fedlora.methods.base import Aggregate, LoRAMethod
+
+if TYPE_CHECKING:
+    from fedlora.config import Config
 
 
 class Schedule(LoRAMethod):
     name = "schedule"
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """Which methods may be phases is theirs to say (:attr:`LoRAMethod.schedulable`,
+        checked by :func:`fedlora.methods.check_config` for every phase)."""
+        if not cfg.schedule:
+            raise FedLoraError(
+                "method 'schedule' needs config key 'schedule': a list of {method, rounds} phases"
+            )
 
     def __init__(self, phases: Sequence[tuple[LoRAMethod, int | None]]) -> None:
         super().__init__()

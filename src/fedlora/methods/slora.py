@@ -53,7 +53,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -66,15 +66,33 @@ from fedlora.aggregation.sparse import (
     sparse_mask,
     svd_init_with_error,
 )
+from fedlora.errors import FedLoraError
 from fedlora.messages import AdapterState, ClientUpdate, RoundPlan, tensor_bytes
 from fedlora.methods.base import Aggregate, LoRAMethod, aggregate_head
 from fedlora.methods.fedavg import FedAvgLoRA
+
+if TYPE_CHECKING:
+    from fedlora.config import Config
 
 
 class SLoRA(LoRAMethod):
     name = "slora"
     carries_magnitude = False
     magnitude_refusal = "its first stage trains the frozen weights themselves"
+    folds_base = True
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        if cfg.slora_rounds >= cfg.rounds:
+            raise FedLoraError(
+                f"config key 'slora_rounds' ({cfg.slora_rounds}) must be less than rounds "
+                f"({cfg.rounds}): SLoRA's LoRA stage needs at least one round"
+            )
+        if cfg.dp.enabled:
+            raise FedLoraError(
+                "method slora is not supported with dp.* (DP-SGD trains LoRA factors; SLoRA's "
+                "first stage trains the frozen weights)"
+            )
 
     def __init__(
         self, *, slora_rounds: int, density: float, seed: int, train_head: bool = True
