@@ -25,6 +25,7 @@ from fedlora import recipes
 from fedlora.config import load_config
 from fedlora.errors import FedLoraError
 from fedlora.log import silent, stderr_log
+from fedlora.methods import check_config
 
 
 def _split_args(items: Sequence[str]) -> tuple[str | None, list[str]]:
@@ -174,6 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         path, overrides = _split_args(args.args)
         cfg = load_config(path, overrides)
+        check_config(cfg)
         log = stderr_log if cfg.progress else silent
         if args.command == "run":
             recipes.run(cfg, log=log)

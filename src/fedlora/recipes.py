@@ -11,7 +11,7 @@ from fedlora.config import Config, config_from_dict, read_yaml
 from fedlora.errors import FedLoraError
 from fedlora.federation import Federation, build_federation
 from fedlora.log import Log, stderr_log
-from fedlora.methods import build_method, with_method_defaults
+from fedlora.methods import build_method, check_config, with_method_defaults
 from fedlora.outputs import RunDir, plot_comparison
 from fedlora.outputs.summary import warn_one_phase, write_results
 from fedlora.runtime import run_federated
@@ -34,6 +34,7 @@ def run_method(cfg: Config, fed: Federation, run_dir: RunDir, *, log: Log) -> di
 
 
 def run(cfg: Config, *, log: Log = stderr_log) -> dict[str, Any]:
+    check_config(cfg)
     cfg = with_method_defaults(cfg)
     if cfg.runtime != "inprocess":
         from fedlora.runtime.flower import run_on_flower  # Flower is imported only when used
@@ -75,6 +76,7 @@ def resume(path: str | Path, *, log: Log = stderr_log) -> dict[str, Any]:
         log(f"{run_dir.path} already finished: nothing to resume")
         return json.loads(summary_path.read_text())
     cfg = config_from_dict(read_yaml(run_dir.path / "config.yaml"))
+    check_config(cfg)
     if cfg.runtime != "inprocess":
         from fedlora.runtime.flower import run_on_flower  # Flower is imported only when used
 
@@ -111,6 +113,7 @@ def compare(cfg: Config, *, log: Log = stderr_log) -> dict[str, dict[str, Any]]:
     """Every method in ``cfg.methods`` on the same data, partition, seed and starting model:
     in-process, or one after another on one simulated Flower federation
     (``runtime=flower-sim``)."""
+    check_config(cfg)
     if cfg.runtime == "flower":
         raise FedLoraError(
             "fedlora compare runs in-process or on Flower's simulation engine "

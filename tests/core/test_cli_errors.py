@@ -38,6 +38,14 @@ def test_bad_config(capsys, tiny_overrides, override, fragment):
     assert_one_line_error(code, err, fragment)
 
 
+@pytest.mark.parametrize("override", ["method=nope", "rank=0", "dp.target_epsilon=0.01"])
+def test_a_bad_config_stops_before_any_run_directory(capsys, tiny_overrides, tmp_path, override):
+    out = tmp_path / "fresh"
+    code, err = run_cli(capsys, "run", *tiny_overrides, f"output_dir={out}", override)
+    assert_one_line_error(code, err, "")
+    assert not out.exists()
+
+
 def test_missing_config_file(capsys):
     code, err = run_cli(capsys, "run", "/nonexistent/config.yaml")
     assert_one_line_error(code, err, "config file not found")

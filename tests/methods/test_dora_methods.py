@@ -13,7 +13,7 @@ from fedlora.config import load_config
 from fedlora.errors import FedLoraError
 from fedlora.log import silent
 from fedlora.messages import AdapterState, ClientUpdate
-from fedlora.methods import METHOD_NAMES, build_method
+from fedlora.methods import METHOD_NAMES, build_method, check_config
 from fedlora.methods.base import update_error
 from fedlora.outputs import read_metrics
 
@@ -82,7 +82,7 @@ def test_the_methods_that_fold_into_the_base_are_the_refused_ones():
 @pytest.mark.parametrize("name", REFUSED)
 def test_refused_methods_give_one_line_naming_them(name):
     with pytest.raises(FedLoraError) as info:
-        config_for(name, "adapter=dora")
+        check_config(config_for(name, "adapter=dora"))
     assert "\n" not in str(info.value)
     assert str(info.value).startswith(f"adapter=dora cannot run with method {name}:")
 

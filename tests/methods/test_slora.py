@@ -20,7 +20,7 @@ from fedlora.config import load_config
 from fedlora.federation import build_federation
 from fedlora.log import silent
 from fedlora.messages import AdapterState, ClientUpdate
-from fedlora.methods import build_method
+from fedlora.methods import build_method, check_config
 from fedlora.methods.base import update_error
 from fedlora.outputs import read_metrics
 
@@ -355,7 +355,7 @@ def test_bad_slora_config_is_one_line(overrides, message):
     from fedlora.errors import FedLoraError
 
     with pytest.raises(FedLoraError) as info:
-        load_config(None, ["method=slora", *overrides])
+        check_config(load_config(None, ["method=slora", *overrides]))
     assert message in str(info.value) and "\n" not in str(info.value)
 
 

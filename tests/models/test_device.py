@@ -11,7 +11,7 @@ from fedlora.config import load_config
 from fedlora.errors import FedLoraError
 from fedlora.federation import build_federation
 from fedlora.log import silent
-from fedlora.methods import build_method
+from fedlora.methods import build_method, check_config
 
 
 def run_state(overrides):
@@ -135,7 +135,7 @@ def test_quantized_base_trains_float32_lora(tiny_overrides, quantization, layer_
 
 def test_a_folding_method_on_a_quantized_base_is_refused():
     with pytest.raises(FedLoraError) as info:
-        load_config(None, ["quantization=nf4", "method=fedex"])
+        check_config(load_config(None, ["quantization=nf4", "method=fedex"]))
     assert str(info.value).startswith(
         "method fedex folds increments into the frozen weights, which a quantized (nf4) base "
         "cannot hold exactly"

@@ -19,6 +19,7 @@ from fedlora.config import load_config
 from fedlora.data import Encoded
 from fedlora.errors import FedLoraError
 from fedlora.messages import AdapterState, ClientUpdate, RoundPlan
+from fedlora.methods import check_config
 from fedlora.models import LoRASettings, PeftAdapter, attach_lora
 
 
@@ -292,7 +293,7 @@ def test_adapter_key_choices():
 )
 def test_dora_is_refused_with_a_method_that_folds_into_the_base(overrides, method):
     with pytest.raises(FedLoraError) as info:
-        load_config(None, ["adapter=dora", *overrides])
+        check_config(load_config(None, ["adapter=dora", *overrides]))
     message = str(info.value)
     assert "\n" not in message
     assert message.startswith(f"adapter=dora cannot run with method {method}: it ")

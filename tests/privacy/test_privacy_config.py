@@ -5,6 +5,7 @@ import pytest
 from fedlora import cli
 from fedlora.config import RUNTIMES, load_config
 from fedlora.errors import FedLoraError
+from fedlora.methods import check_config
 
 BAD = [
     (["dp.noise_multiplier=-1"], "dp.noise_multiplier' must be >= 0"),
@@ -33,8 +34,8 @@ BAD = [
 
 @pytest.mark.parametrize(("overrides", "message"), BAD)
 def test_bad_dp_config_gets_a_one_line_error(overrides, message):
-    with pytest.raises(FedLoraError) as info:
-        load_config(None, overrides)
+    with pytest.raises(FedLoraError) as info:  # a target's reachability: check_config's
+        check_config(load_config(None, overrides))
     assert message in str(info.value)
     assert "\n" not in str(info.value)
 

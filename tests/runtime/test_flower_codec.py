@@ -63,3 +63,16 @@ def test_instruction_and_update_round_trip():
         and torch.equal(got.B["enc.0.query"], update.B["enc.0.query"])
     )
     assert got.nbytes() == update.nbytes()
+
+
+def test_a_config_is_checked_on_arrival_and_round_trips():
+    from fedlora.config import load_config
+    from fedlora.errors import FedLoraError
+
+    cfg = load_config(
+        None, ["method=schedule", "schedule=[{method: fra, rounds: 2}, {method: ffa}]"]
+    )
+    assert codec.text_to_config(codec.config_to_text(cfg)) == cfg
+    bad = cfg.replace(method="fedavg", client_ranks=[2, 4, 8])  # only the methods refuse it
+    with pytest.raises(FedLoraError, match="needs a method with per-client ranks"):
+        codec.text_to_config(codec.config_to_text(bad))

@@ -9,6 +9,7 @@ import torch
 from fedlora import recipes
 from fedlora.client import LocalTraining, evaluate, train_client
 from fedlora.config import load_config
+from fedlora.errors import FedLoraError
 from fedlora.federation import build_federation
 from fedlora.log import silent
 from fedlora.methods import build_method
@@ -24,6 +25,13 @@ def fed(tiny_overrides):
 def run(fed, name: str, tmp_path: Path, **changes):
     fed.cfg = fed.cfg.replace(method=name, **changes)
     return run_federated(fed, build_method(name, fed.cfg), RunDir(tmp_path / name), log=silent)
+
+
+def test_the_server_checks_the_config_it_is_handed(fed, tmp_path):
+    """Library callers reach the server with a Config of their own: the methods check it."""
+    fed.cfg = fed.cfg.replace(client_ranks=[2, 4, 8])  # loads: only the methods know better
+    with pytest.raises(FedLoraError, match="'client_ranks' needs a method with per-client ranks"):
+        run(fed, "fedavg", tmp_path)
 
 
 def lora_bytes(state, factor: str) -> int:

@@ -11,7 +11,6 @@ clients).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import statistics
 from collections.abc import Mapping, Sequence
@@ -80,7 +79,7 @@ def _with_defaults(config: dict[str, Any]) -> dict[str, Any]:
     """A run's config with the keys it predates at their defaults: a run written before a
     key existed ran as that key's default does (keys are added without changing what an
     existing config computes), so it is not a difference between rows."""
-    defaults = dataclasses.asdict(Config())
+    defaults = Config().to_dict()
     return {**{k: v for k, v in defaults.items() if k not in config}, **config}
 
 

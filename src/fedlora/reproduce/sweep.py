@@ -19,6 +19,7 @@ from fedlora import recipes
 from fedlora.config import load_config
 from fedlora.errors import FedLoraError
 from fedlora.log import Log, stderr_log
+from fedlora.methods import check_config
 
 
 def _split_values(raw: str) -> list[str]:
@@ -79,7 +80,7 @@ def sweep(
     root = Path(base.output_dir) / name
     points = grid_points(grid)
     for point in points:  # validate every point before the first run starts
-        load_config(config, [*overrides, *(f"{k}={v}" for k, v in point.items())])
+        check_config(load_config(config, [*overrides, *(f"{k}={v}" for k, v in point.items())]))
     paths = []
     for i, point in enumerate(points, 1):
         path = root / point_name(point)

@@ -31,7 +31,7 @@ from fedlora.client.state import ClientStore, shared_part
 from fedlora.federation import Federation
 from fedlora.log import Log
 from fedlora.messages import AdapterState, ClientUpdate, RoundPlan
-from fedlora.methods import Aggregate, LoRAMethod
+from fedlora.methods import Aggregate, LoRAMethod, check_config
 from fedlora.methods.base import client_weights, update_drift, update_error
 from fedlora.models.device import model_device
 from fedlora.outputs import RunDir
@@ -86,6 +86,7 @@ class Server:
         privacy: FederatedPrivacy | ReportedPrivacy | None = None,
         resume: Checkpoint | None = None,
     ) -> None:
+        check_config(fed.cfg)  # library callers reach here with a Config of their own
         self.fed = fed
         self.cfg = fed.cfg
         self.method = method

@@ -17,6 +17,7 @@ as it is.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedlora.config import Config, config_from_dict
 from fedlora.messages import AdapterState, ClientUpdate, RoundPlan
+from fedlora.methods import check_config
 
 BF16 = "bfloat16"
 _KINDS = ("A", "B", "head", "magnitude")
@@ -173,6 +175,10 @@ def config_to_text(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
+@functools.lru_cache(maxsize=4)
 def text_to_config(text: str) -> Config:
-    """The config a server sent (validated again on arrival, like any config)."""
-    return config_from_dict(yaml.safe_load(text) or {})
+    """The config a server sent, validated again on arrival like any config (and checked by
+    the methods); a ClientApp decodes the same text every round, hence the cache."""
+    cfg = config_from_dict(yaml.safe_load(text) or {})
+    check_config(cfg)
+    return cfg
