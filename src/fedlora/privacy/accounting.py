@@ -186,7 +186,52 @@ class ClientPrivacy:
         self._epsilon_cache.clear()
 
 
-class FederatedPrivacy:
+class PrivacyLedger:
+    """What the server writes of its clients' privacy, however it learns it: the rows'
+    ``epsilon`` and ``dp_exhausted`` and the ``summary.json`` ``dp`` object. A holder of
+    accountants (:class:`FederatedPrivacy`, in process) or of the clients' reports
+    (:class:`~fedlora.privacy.remote.ReportedPrivacy`, on Flower) says what each client has
+    spent; the shape of what is written is this class's, once."""
+
+    dp: DPConfig
+    exhausted: list[int]
+
+    @property
+    def noise_multiplier(self) -> float:
+        raise NotImplementedError
+
+    def epsilons(self) -> dict[int, float]:
+        raise NotImplementedError
+
+    def accounts(self) -> dict[int, tuple[float, int]]:
+        """Per client id: its sampling rate and the DP-SGD steps it has taken."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def metrics(self) -> dict[str, Any]:
+        """The ``metrics.jsonl`` fields: ``epsilon`` per client and who is out of budget."""
+        return {"epsilon": self.epsilons(), "dp_exhausted": sorted(self.exhausted)}
+
+    def summary(self) -> dict[str, Any]:
+        """The ``summary.json`` ``dp`` object: enough to recompute every client's epsilon."""
+        accounts = self.accounts()
+        return {
+            "noise_multiplier": self.noise_multiplier,
+            "delta": self.dp.delta,
+            "accountant": self.dp.accountant,
+            "max_grad_norm": self.dp.max_grad_norm,
+            "target_epsilon": self.dp.target_epsilon,
+            "sample_rate": {k: rate for k, (rate, _) in accounts.items()},
+            "steps": {k: steps for k, (_, steps) in accounts.items()},
+            "epsilon": self.epsilons(),
+            "exhausted": sorted(self.exhausted),
+            "state": self.state_dict(),
+        }
+
+
+class FederatedPrivacy(PrivacyLedger):
     """Every client's :class:`ClientPrivacy`, the run's budget, and who has spent it.
 
     With ``dp.target_epsilon`` the noise is chosen once, before round 1, for the planned
@@ -290,24 +335,8 @@ class FederatedPrivacy:
         self.exhausted.extend(newly)
         return newly
 
-    def metrics(self) -> dict[str, Any]:
-        """The ``metrics.jsonl`` fields: ``epsilon`` per client and who is out of budget."""
-        return {"epsilon": self.epsilons(), "dp_exhausted": sorted(self.exhausted)}
-
-    def summary(self) -> dict[str, Any]:
-        """The ``summary.json`` ``dp`` object: enough to recompute every client's epsilon."""
-        return {
-            "noise_multiplier": self.noise_multiplier,
-            "delta": self.dp.delta,
-            "accountant": self.dp.accountant,
-            "max_grad_norm": self.dp.max_grad_norm,
-            "target_epsilon": self.dp.target_epsilon,
-            "sample_rate": {k: c.sample_rate for k, c in self.clients.items()},
-            "steps": {k: c.steps for k, c in self.clients.items()},
-            "epsilon": self.epsilons(),
-            "exhausted": sorted(self.exhausted),
-            "state": self.state_dict(),
-        }
+    def accounts(self) -> dict[int, tuple[float, int]]:
+        return {k: (c.sample_rate, c.steps) for k, c in self.clients.items()}
 
     def state_dict(self) -> dict[str, Any]:
         return {

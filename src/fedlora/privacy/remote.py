@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fedlora.errors import FedLoraError
-from fedlora.privacy.accounting import ClientPrivacy, FederatedPrivacy
+from fedlora.privacy.accounting import ClientPrivacy, FederatedPrivacy, PrivacyLedger
 
 if TYPE_CHECKING:
     from fedlora.config import DPConfig
@@ -188,24 +188,29 @@ class ClientReport:
     exhausted: bool
 
 
-class ReportedPrivacy:
+class ReportedPrivacy(PrivacyLedger):
     """The server's view of its remote clients' accounts, from their replies.
 
     Built from the run's plan (:func:`~fedlora.privacy.plan_for_federation`), which picks
     the noise every client trains with; each client's account is its own report. It
     answers the server as :class:`~fedlora.privacy.accounting.FederatedPrivacy` does
-    (``trainable``, ``end_round``, ``metrics``, ``summary``, ``state_dict``).
+    (``trainable``, ``end_round``, ``state_dict``); what the rows and the summary say of
+    it is written by :class:`~fedlora.privacy.accounting.PrivacyLedger`.
     """
 
     def __init__(self, plan: FederatedPrivacy) -> None:
         self.dp = plan.dp
-        self.noise_multiplier = plan.noise_multiplier
+        self._noise = plan.noise_multiplier
         self._describe = plan.describe()
         self.reports = {
             k: ClientReport(epsilon=0.0, steps=0, sample_rate=c.sample_rate, exhausted=False)
             for k, c in plan.clients.items()
         }
         self.exhausted: list[int] = []
+
+    @property
+    def noise_multiplier(self) -> float:
+        return self._noise
 
     def describe(self) -> str:
         return self._describe + "; each client keeps its own accountant"
@@ -235,23 +240,8 @@ class ReportedPrivacy:
         self.exhausted.extend(newly)
         return newly
 
-    def metrics(self) -> dict[str, Any]:
-        return {"epsilon": self.epsilons(), "dp_exhausted": sorted(self.exhausted)}
-
-    def summary(self) -> dict[str, Any]:
-        """The ``summary.json`` ``dp`` object, with the fields the in-process one has."""
-        return {
-            "noise_multiplier": self.noise_multiplier,
-            "delta": self.dp.delta,
-            "accountant": self.dp.accountant,
-            "max_grad_norm": self.dp.max_grad_norm,
-            "target_epsilon": self.dp.target_epsilon,
-            "sample_rate": {k: r.sample_rate for k, r in sorted(self.reports.items())},
-            "steps": {k: r.steps for k, r in sorted(self.reports.items())},
-            "epsilon": self.epsilons(),
-            "exhausted": sorted(self.exhausted),
-            "state": self.state_dict(),
-        }
+    def accounts(self) -> dict[int, tuple[float, int]]:
+        return {k: (r.sample_rate, r.steps) for k, r in sorted(self.reports.items())}
 
     def state_dict(self) -> dict[str, Any]:
         return {
