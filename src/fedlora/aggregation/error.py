@@ -32,10 +32,29 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from fedlora.aggregation.factors import check_factors
+from fedlora.aggregation.factors import LayerFactors, check_factors
 from fedlora.aggregation.lowrank import frobenius_norm_of_product
 
 __all__ = ["client_drift", "relative_update_error"]
+
+
+def _mean_update(
+    As: Sequence[Tensor],
+    Bs: Sequence[Tensor],
+    weights: Sequence[float] | Tensor | None,
+    scalings: Sequence[float],
+) -> tuple[LayerFactors, Tensor, float]:
+    """The stacked factors, the coefficients ``w_k s_k`` per column (``M = Bcat diag(c)
+    Acat``) and ``||M||_F``."""
+    f = check_factors(As, Bs, weights)
+    if len(scalings) != len(f.ranks):
+        raise ValueError(f"got {len(scalings)} scalings for {len(f.ranks)} clients")
+    per_column = torch.repeat_interleave(
+        torch.tensor([float(s) for s in scalings], dtype=f.w.dtype, device=f.device),
+        torch.tensor(f.ranks, device=f.device),
+    )
+    c_mean = f.w * per_column
+    return f, c_mean, float(frobenius_norm_of_product(f.b_cat, c_mean, f.a_cat))
 
 
 def relative_update_error(
@@ -66,16 +85,8 @@ def relative_update_error(
         ValueError: invalid factors or weights (see ``check_factors``), or a ``scalings``
             list whose length is not the number of clients.
     """
-    f = check_factors(As, Bs, weights)
-    if len(scalings) != len(f.ranks):
-        raise ValueError(f"got {len(scalings)} scalings for {len(f.ranks)} clients")
+    f, c_mean, norm = _mean_update(As, Bs, weights, scalings)
     work = f.w.dtype
-    per_column = torch.repeat_interleave(
-        torch.tensor([float(s) for s in scalings], dtype=work, device=f.device),
-        torch.tensor(f.ranks, device=f.device),
-    )
-    c_mean = f.w * per_column
-    norm = float(frobenius_norm_of_product(f.b_cat, c_mean, f.a_cat))
     a, b = A.to(work), B.to(work)
     if folded is None:
         p = torch.cat([f.b_cat, b], dim=1)
@@ -114,16 +125,8 @@ def client_drift(
     Raises:
         ValueError: as :func:`relative_update_error`.
     """
-    f = check_factors(As, Bs, weights)
-    if len(scalings) != len(f.ranks):
-        raise ValueError(f"got {len(scalings)} scalings for {len(f.ranks)} clients")
+    f, c_mean, norm = _mean_update(As, Bs, weights, scalings)
     work = f.w.dtype
-    per_column = torch.repeat_interleave(
-        torch.tensor([float(s) for s in scalings], dtype=work, device=f.device),
-        torch.tensor(f.ranks, device=f.device),
-    )
-    c_mean = f.w * per_column
-    norm = float(frobenius_norm_of_product(f.b_cat, c_mean, f.a_cat))
     spread = 0.0
     start = 0
     for k, (r, w) in enumerate(zip(f.ranks, f.weights, strict=True)):

@@ -224,6 +224,29 @@ def update_error(
     return errors
 
 
+def update_measures(
+    *,
+    before: AdapterState,
+    starts: Mapping[int, AdapterState] | None = None,
+    updates: Sequence[ClientUpdate],
+    weights: Sequence[float],
+    scaling: Mapping[str, float],
+    result: Aggregate,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """A round's :func:`update_error` and :func:`update_drift`, per layer."""
+    errors = update_error(
+        before=before,
+        starts=starts,
+        updates=updates,
+        weights=weights,
+        scaling=scaling,
+        result=result,
+    )
+    return errors, update_drift(
+        before=before, starts=starts, updates=updates, weights=weights, scaling=scaling
+    )
+
+
 def update_drift(
     *,
     before: AdapterState,

@@ -45,7 +45,8 @@ def round_row(
 ) -> dict[str, Any]:
     """What a round did: who trained what, the steps taken, the bytes moved, the
     aggregation error ``errors`` (per layer, :func:`fedlora.methods.base.update_error`),
-    the clients' drift (per layer, :func:`fedlora.methods.base.update_drift`) and any
+    the clients' drift (per layer, :func:`fedlora.methods.base.update_drift`; both from
+    :func:`~fedlora.methods.base.update_measures`) and any
     diagnostics of the method's own, each under its own name."""
     row: dict[str, Any] = {
         "round": plan.round,

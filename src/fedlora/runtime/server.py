@@ -32,7 +32,7 @@ from fedlora.federation import Federation
 from fedlora.log import Log
 from fedlora.messages import AdapterState, ClientUpdate, RoundPlan
 from fedlora.methods import Aggregate, LoRAMethod, check_config
-from fedlora.methods.base import client_weights, update_drift, update_error
+from fedlora.methods.base import client_weights, update_measures
 from fedlora.models.device import model_device
 from fedlora.outputs import RunDir
 from fedlora.outputs.run_dir import read_metrics
@@ -201,31 +201,27 @@ class Server:
         # a trainer for every sampled client replies as one (centralized): list them all
         replied = {u.client_id for u in updates}
         clients = start.clients if method.pools_clients else sorted(replied)
-        row = round_row(
-            plan=plan,
-            clients=clients,
-            updates=updates,
-            download_bytes=start.download_bytes,
-            result=result,
-            errors={}  # private parts: no global update to compare (LoRAMethod.private)
+        # private parts: no global update to compare against (LoRAMethod.private)
+        errors, drift = (
+            ({}, {})
             if method.private
-            else update_error(
+            else update_measures(
                 before=before,
                 starts=start.starts,
                 updates=updates,
                 weights=weights,
                 scaling=self.scaling,
                 result=result,
-            ),
-            drift={}
-            if method.private
-            else update_drift(
-                before=before,
-                starts=start.starts,
-                updates=updates,
-                weights=weights,
-                scaling=self.scaling,
-            ),
+            )
+        )
+        row = round_row(
+            plan=plan,
+            clients=clients,
+            updates=updates,
+            download_bytes=start.download_bytes,
+            result=result,
+            errors=errors,
+            drift=drift,
         )
         return result, row
 
