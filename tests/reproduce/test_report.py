@@ -52,3 +52,19 @@ def test_a_key_a_run_predates_is_its_default_not_a_column():
     bf16 = {"method": "fedavg", "seed": 2, "precision": "bf16"}
     varying, _ = group_runs([Run(Path("a"), old, {}, rows), Run(Path("c"), bf16, {}, rows)])
     assert varying == ["precision"]
+
+
+def test_shared_line_names_the_local_epochs_that_ran_not_the_ignored_steps(tmp_path):
+    for seed in (0, 1):
+        fake_run(
+            tmp_path / f"r{seed}", method="rolora", seed=seed, accuracies=[0.5, 0.7], upload=1e6
+        )
+        path = tmp_path / f"r{seed}" / "config.yaml"
+        config = yaml.safe_load(path.read_text())
+        extra = {"local_steps": 10, "local_epochs": 2.0, "eval_split": "test", "lr": None}
+        path.write_text(yaml.safe_dump(config | extra))
+    text = write_report(tmp_path, title="t")
+    assert (
+        "Shared by every run: model=m, dataset=d, method=rolora, rank=2, local_epochs=2.0, eval_split=test.\n"
+        in text
+    )

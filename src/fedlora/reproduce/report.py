@@ -37,6 +37,8 @@ _SHOWN = (
     "layers",
     "rounds",
     "local_steps",
+    "local_epochs",
+    "eval_split",
     "batch_size",
     "lr",
     "max_train_examples",
@@ -183,7 +185,10 @@ def write_report(root: str | Path, *, title: str | None = None) -> str:
         f"{root.name}: {first.get('dataset')}, model {first.get('model')}, {len(runs)} runs"
     )
     varying, _ = group_runs(runs)
-    shared = [f"{k}={_cell(first[k])}" for k in _SHOWN if k in first and k not in varying]
+    # local_epochs, when set, is what ran: local_steps was ignored (fedlora.client.train)
+    hidden = {"local_steps"} if first.get("local_epochs") is not None else set()
+    shown = [k for k in _SHOWN if first.get(k) is not None and k not in {*varying, *hidden}]
+    shared = [f"{k}={_cell(first[k])}" for k in shown]
     text = f"# {heading}\n\nShared by every run: {', '.join(shared)}.\n\n{report_table(runs)}\n"
     (root / "report.md").write_text(text)
     plot_report(runs, root)
