@@ -61,6 +61,21 @@ def test_client_drift_matches_dense_reference(ranks):
     assert got32 == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize("spread", [1e-2, 1e-4, 1e-6])
+def test_client_drift_of_clients_near_a_common_adapter_is_accurate(spread):
+    # the Gram identity subtracts two nearly equal sums: its ratio stays within 1e-8 absolute
+    g = torch.Generator().manual_seed(5)
+    A = torch.randn(4, 30, generator=g, dtype=torch.float64)
+    B = torch.randn(40, 4, generator=g, dtype=torch.float64)
+    Bs = [B + spread * torch.randn(40, 4, generator=g, dtype=torch.float64) for _ in range(5)]
+    P = [b @ A for b in Bs]
+    M = sum(P) / 5
+    gaps = [float(torch.linalg.norm(p - M)) ** 2 for p in P]
+    expected = math.sqrt(sum(gaps) / 5) / float(torch.linalg.norm(M))
+    got = client_drift([A] * 5, Bs, None, scalings=[1.0] * 5)
+    assert got == pytest.approx(expected, abs=1e-8)
+
+
 def test_client_drift_is_zero_for_equal_clients_and_undefined_when_they_cancel():
     As, Bs = factors(4, (2,))
     assert client_drift(As * 3, Bs * 3, None, scalings=[2.0] * 3) == pytest.approx(0.0, abs=1e-7)
